@@ -1,0 +1,62 @@
+"""pruning: the pruning front end (pure PyTorch, runs on the CPU, never imports ``sparsekernels``).
+
+What passes to the runtime is plain tensors, masks and state dicts. Public names are resolved lazily.
+
+    pruning.patterns      N:M, unstructured and block masks
+    pruning.importance    weight importance criteria (magnitude, Taylor, Wanda, SparseGPT)
+    pruning.weights       prune_weights(): masks on Linear / Conv2d, the PruningReport
+    pruning.training      mask enforcement, gradual schedules, fine-tuning, L1/L2 penalties
+    pruning.plan          remove masks, save / load / apply pruning plans (safetensors + JSON)
+    pruning.sensitivity   per-layer sensitivity analysis
+    pruning.channels      dependency-aware filter / channel pruning (physically smaller models)
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    # patterns
+    "nm_mask": "pruning.patterns",
+    "unstructured_mask": "pruning.patterns",
+    "global_unstructured_masks": "pruning.patterns",
+    "block_mask": "pruning.patterns",
+    # one-shot weight pruning
+    "prune_weights": "pruning.weights",
+    "PruningReport": "pruning.weights",
+    # training-time helpers
+    "enforce_masks": "pruning.training",
+    "cubic_sparsity_schedule": "pruning.training",
+    "GradualPruner": "pruning.training",
+    "finetune": "pruning.training",
+    "FinetuneConfig": "pruning.training",
+    "l1_penalty": "pruning.training",
+    "l2_penalty": "pruning.training",
+    # persistence
+    "remove_masks": "pruning.plan",
+    "save_plan": "pruning.plan",
+    "load_plan": "pruning.plan",
+    "apply_plan": "pruning.plan",
+    # analysis
+    "sensitivity_analysis": "pruning.sensitivity",
+    # channel pruning
+    "prune_channels": "pruning.channels",
+    "ChannelPruningReport": "pruning.channels",
+    "DependencyGraph": "pruning.channels",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pruning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

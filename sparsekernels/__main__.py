@@ -1,0 +1,3 @@
+from sparsekernels.cli import main
+
+raise SystemExit(main())

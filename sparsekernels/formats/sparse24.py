@@ -1,0 +1,182 @@
+"""2:4 semi-structured weight format.
+
+A 2:4 weight keeps at most 2 non-zeros in every group of 4 consecutive elements along the input
+(last) dimension. We store, for a dense weight ``W`` of shape ``[out, in]``:
+
+* ``values``: ``[out, in // 2]`` in the weight's dtype -- the two kept values of each group, in
+  increasing column order (a group with fewer than two non-zeros stores explicit zeros);
+* ``meta``: ``[out, ceil(in / 8)]`` ``uint8`` -- the 2-bit in-group position of every kept value.
+  Byte ``b`` of a row describes groups ``2b`` (low nibble) and ``2b + 1`` (high nibble); inside a
+  nibble, bits 0-1 hold the position of the first kept value and bits 2-3 the second.
+
+For fp16/bf16 that is ``2 * in/2 + in/8 = 1.125 * in`` bytes per row against ``2 * in`` dense bytes:
+0.5625 of the dense size, the bound that makes memory-bound (few-token) layers up to 1.78x faster.
+
+For ``nn.Conv2d`` weights, callers view the weight as ``[out, kh * kw * in]`` in channels-last order
+(``weight.permute(0, 2, 3, 1)``) so that groups run along input channels at each kernel position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Sparse24Weight", "compress_24", "is_24_sparse", "SUPPORTED_DTYPES", "pack_indices", "unpack_indices"]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_weight(fn: str, weight) -> None:
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{fn}: expected a torch.Tensor weight, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{fn}: expected a 2-D weight [out, in], got {weight.dim()}-D with shape {tuple(weight.shape)}"
+            " (view a Conv2d weight as weight.permute(0, 2, 3, 1).reshape(out, -1) first)"
+        )
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{fn}: expected a floating-point weight (float16, bfloat16, float32), got {weight.dtype}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{fn}: expected dtype float16, bfloat16 or float32, got {weight.dtype}")
+    if weight.shape[1] % 4 != 0:
+        raise ValueError(
+            f"{fn}: expected the input dimension to be a multiple of 4 (groups of 4), got in={weight.shape[1]}"
+        )
+
+
+def _group_nonzeros(weight: torch.Tensor) -> torch.Tensor:
+    out, k = weight.shape
+    return (weight != 0).reshape(out, k // 4, 4)
+
+
+def is_24_sparse(weight: torch.Tensor) -> bool:
+    """True if ``weight`` (2-D, last dim a multiple of 4) has at most 2 non-zeros in every group of 4."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % 4 != 0:
+        return False
+    return bool((_group_nonzeros(weight).sum(-1) <= 2).all())
+
+
+def pack_indices(idx: torch.Tensor) -> torch.Tensor:
+    """Pack in-group positions ``idx`` (``[out, G, 2]``, values 0..3) into ``uint8`` ``[out, ceil(G / 2)]``."""
+    out, groups, _ = idx.shape
+    nibble = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # [out, G]
+    if groups % 2:
+        nibble = torch.cat([nibble, nibble.new_zeros(out, 1)], dim=1)
+    nibble = nibble.reshape(out, -1, 2)
+    return (nibble[..., 0] | (nibble[..., 1] << 4)).contiguous()
+
+
+def unpack_indices(meta: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`pack_indices`: ``uint8`` ``[out, ceil(G / 2)]`` -> ``int64`` ``[out, G, 2]``."""
+    m = meta.to(torch.int64)
+    nibble = torch.stack([m & 0xF, (m >> 4) & 0xF], dim=-1).reshape(meta.shape[0], -1)[:, :groups]
+    return torch.stack([nibble & 0x3, (nibble >> 2) & 0x3], dim=-1)
+
+
+@dataclass(frozen=True)
+class Sparse24Weight:
+    """A 2:4-compressed weight. Build it with :func:`compress_24`.
+
+    Attributes:
+        values: ``[out, in // 2]``, the kept values, same dtype and device as the dense weight.
+        meta: ``uint8`` ``[out, ceil(in / 8)]``, packed 2-bit positions (see the module docstring).
+        shape: the dense shape ``(out, in)``.
+    """
+
+    values: torch.Tensor
+    meta: torch.Tensor
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        out, k = self.shape
+        if self.values.shape != (out, k // 2):
+            raise ValueError(f"Sparse24Weight: expected values of shape {(out, k // 2)}, got {tuple(self.values.shape)}")
+        if self.meta.dtype != torch.uint8 or self.meta.shape != (out, (k + 7) // 8):
+            raise ValueError(
+                f"Sparse24Weight: expected uint8 meta of shape {(out, (k + 7) // 8)}, "
+                f"got {self.meta.dtype} {tuple(self.meta.shape)}"
+            )
+        if self.values.device != self.meta.device:
+            raise ValueError(f"Sparse24Weight: values on {self.values.device} but meta on {self.meta.device}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored: the kept values plus the packed metadata."""
+        return self.values.nbytes + self.meta.nbytes
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * self.values.element_size()
+
+    def indices(self) -> torch.Tensor:
+        """Column index in the dense weight of every stored value: ``int64`` ``[out, in // 2]``."""
+        out, k = self.shape
+        pos = unpack_indices(self.meta, k // 4)  # [out, G, 2]
+        base = torch.arange(0, k, 4, device=self.meta.device).view(1, -1, 1)
+        return (base + pos).reshape(out, k // 2)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight (exact round trip of :func:`compress_24`)."""
+        out, k = self.shape
+        dense = torch.zeros(out, k, dtype=self.values.dtype, device=self.values.device)
+        dense.scatter_(1, self.indices(), self.values)
+        return dense
+
+    def to(self, *args, **kwargs) -> "Sparse24Weight":
+        """Move to another device or cast the values (the metadata stays ``uint8``)."""
+        values = self.values.to(*args, **kwargs)
+        meta = self.meta.to(device=values.device)
+        return Sparse24Weight(values, meta, self.shape)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+            f"nbytes={self.nbytes} ({self.nbytes / max(self.dense_nbytes, 1):.4f} of dense))"
+        )
+
+
+def compress_24(weight: torch.Tensor) -> Sparse24Weight:
+    """Compress a 2:4-sparse dense weight.
+
+    Args:
+        weight: ``[out, in]`` float16 / bfloat16 / float32 tensor, ``in`` a multiple of 4, with at most
+            2 non-zeros in every group of 4 consecutive elements of a row. Any device.
+
+    Returns:
+        A :class:`Sparse24Weight` on the same device; ``compress_24(w).to_dense()`` equals ``w`` exactly.
+
+    Raises:
+        TypeError: not a tensor, or not float16 / bfloat16 / float32.
+        ValueError: not 2-D, ``in`` not a multiple of 4, or some group has more than 2 non-zeros
+            (the message names the first such row and group).
+    """
+    fn = "compress_24()"
+    _check_weight(fn, weight)
+    weight = weight.detach()
+    out, k = weight.shape
+    nz = _group_nonzeros(weight)  # [out, G, 4]
+    counts = nz.sum(-1)
+    bad = counts > 2
+    if bool(bad.any()):
+        flat = int(torch.nonzero(bad.reshape(-1))[0])
+        row, group = divmod(flat, k // 4)
+        raise ValueError(
+            f"{fn}: expected a 2-D weight whose every group of 4 along the input dimension has at most 2 "
+            f"non-zeros; row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
+            f"{int(counts[row, group])}. Prune it first, e.g. with pruning.nm_mask(scores, 2, 4)."
+        )
+    # Choose two positions per group: every non-zero first, then the lowest free positions.
+    pos = torch.arange(4, device=weight.device)
+    key = nz.to(torch.int64) * 8 + (3 - pos)  # non-zeros first, ties broken by lower position
+    idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # [out, G, 2], ascending
+    values = weight.reshape(out, k // 4, 4).gather(-1, idx).reshape(out, k // 2).contiguous()
+    meta = pack_indices(idx)
+    return Sparse24Weight(values, meta, (out, k))

@@ -1,0 +1,1 @@
+"""``nn.Module`` wrappers around the ops, whole-model swap, and ahead-of-time tuning."""

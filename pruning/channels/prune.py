@@ -1,0 +1,420 @@
+"""Channel selection and model surgery: :func:`prune_channels` returns a new, physically smaller model."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import DependencyGraph, TraceError, _flatten_tensors, normalize_inputs, run_model
+from .importance import IMPORTANCES, group_importance
+from .report import ChannelPruningReport, GroupReport, count_macs, count_params, layer_stats
+
+__all__ = ["prune_channels", "mask_channels", "select_units", "apply_channel_pruning"]
+
+_FN = "prune_channels()"
+
+
+def _check_ratio(label: str, r) -> float:
+    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+        raise TypeError(f"{_FN}: expected {label} as a number, got {type(r).__name__}")
+    if not 0.0 <= r < 1.0:
+        raise ValueError(f"{_FN}: expected 0 <= {label} < 1, got {r}")
+    return float(r)
+
+
+def _group_ratio(graph: DependencyGraph, group, ratio: float, per_layer: Mapping | None) -> float:
+    if per_layer:
+        for space in group.spaces:
+            mod = space.rsplit(":", 1)[0]
+            if mod in per_layer:
+                return float(per_layer[mod])
+    return ratio
+
+
+def _n_keep(n_units: int, unit_channels: int, target_keep: float, round_to: int | None, n_frozen: int) -> int:
+    keep = max(1, int(math.ceil(target_keep - 1e-9)))
+    if round_to:
+        m = round_to // math.gcd(round_to, unit_channels)
+        if n_units <= m:
+            return n_units
+        keep = max(m, int(round(keep / m)) * m)
+    return min(n_units, max(keep, n_frozen, 1))
+
+
+def select_units(
+    graph: DependencyGraph,
+    scores: Mapping[int, float],
+    ratio: float,
+    *,
+    per_layer: Mapping | None = None,
+    global_pruning: bool = False,
+    round_to: int | None = None,
+    max_group_ratio: float = 0.9,
+) -> set:
+    """Choose the units to remove.
+
+    Local (default): every prunable group loses ``ratio`` of its units (or its ``per_layer`` ratio), the
+    least important first. Global: units of all groups are ranked together by importance normalised by
+    their group's mean, and the lowest ``ratio`` of all prunable units go, no group losing more than
+    ``max_group_ratio``. ``round_to`` rounds every group's kept channel count to a multiple.
+
+    Returns:
+        the set of removed unit roots.
+    """
+    removed: set = set()
+    cand = []
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        free = [u for u in g.units if u not in g.frozen_units]
+        n = len(g.units)
+        if global_pruning:
+            vals = np.array([scores.get(u, 0.0) for u in g.units], dtype=np.float64)
+            mean = vals.mean() if vals.mean() > 0 else 1.0
+            cap = _n_keep(n, g.unit_channels, n * (1 - max_group_ratio), round_to, len(g.frozen_units))
+            cand.append((g, free, mean, cap))
+            continue
+        r = _group_ratio(graph, g, ratio, per_layer)
+        keep = _n_keep(n, g.unit_channels, n * (1.0 - r), round_to, len(g.frozen_units))
+        order = sorted(free, key=lambda u: (scores.get(u, 0.0), u))
+        removed.update(order[: n - keep])
+    if global_pruning and cand:
+        pool = [(scores.get(u, 0.0) / mean, u, gi) for gi, (g, free, mean, cap) in enumerate(cand) for u in free]
+        pool.sort()
+        total = sum(len(g.units) for g, _, _, _ in cand)
+        target = int(round(ratio * total))
+        left = {gi: len(g.units) for gi, (g, _, _, _) in enumerate(cand)}
+        chosen: dict[int, list] = {gi: [] for gi in left}
+        count = 0
+        for _, u, gi in pool:
+            if count >= target:
+                break
+            if left[gi] - 1 < cand[gi][3]:
+                continue
+            left[gi] -= 1
+            chosen[gi].append(u)
+            count += 1
+        for gi, us in chosen.items():
+            g = cand[gi][0]
+            n = len(g.units)
+            keep = _n_keep(n, g.unit_channels, n - len(us), round_to, len(g.frozen_units))
+            order = sorted((u for u in g.units if u not in g.frozen_units), key=lambda u: (scores.get(u, 0.0), u))
+            removed.update(order[: n - keep])
+    return removed
+
+
+def _keep_indices(graph: DependencyGraph, removed: set) -> dict:
+    """``{param name: {dim: kept index array}}`` for every attached parameter that loses indices."""
+    rem = np.zeros(len(graph._roots), dtype=bool)
+    for r in removed:
+        rem[r] = True
+    out = {}
+    for pname, lst in graph.attachments.items():
+        for a in lst:
+            keep = ~rem[graph.root_of(a.labels)]
+            if not keep.all():
+                out.setdefault(pname, {})[a.dim] = np.nonzero(keep)[0]
+    return out
+
+
+def _get_owner(model: nn.Module, name: str):
+    mod_name, _, attr = name.rpartition(".")
+    return model.get_submodule(mod_name) if mod_name else model, attr
+
+
+def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set) -> dict:
+    """Physically remove the units ``removed`` from ``model`` (in place; ``graph`` must be built on it) and
+    update the module attributes (``out_channels``, ``groups``, ``num_features``, ``normalized_shape``,
+    ``num_attention_heads``, ...). Returns :func:`_keep_indices`' mapping."""
+    keep = _keep_indices(graph, removed)
+    for pname, dims in keep.items():
+        owner, attr = _get_owner(model, pname)
+        t = getattr(owner, attr)
+        new = t.detach()
+        for dim, idx in dims.items():
+            new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
+        new = new.clone()
+        if isinstance(t, nn.Parameter):
+            setattr(owner, attr, nn.Parameter(new, requires_grad=t.requires_grad))
+        else:
+            owner._buffers[attr] = new
+    rem = np.zeros(len(graph._roots), dtype=bool)
+    for r in removed:
+        rem[r] = True
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            m.out_channels = m.weight.shape[0]
+            if name in graph.conv_groups:
+                m.groups = m.out_channels // graph.conv_groups[name]
+            m.in_channels = m.weight.shape[1] * m.groups
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = m.weight.shape
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+            ref = m.weight if m.weight is not None else m.running_mean
+            if ref is not None:
+                m.num_features = ref.shape[0]
+        elif isinstance(m, nn.GroupNorm):
+            if m.weight is not None:
+                m.num_channels = m.weight.shape[0]
+            elif name in graph.layer_norms:
+                pass
+            if name in graph.group_norms:
+                m.num_groups = m.num_channels // graph.group_norms[name]
+        elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
+            if m.weight is not None:
+                m.normalized_shape = (m.weight.shape[0],)
+            elif name in graph.layer_norms:
+                m.normalized_shape = (int((~rem[graph.root_of(graph.layer_norms[name])]).sum()),)
+        elif isinstance(m, nn.Embedding):
+            m.embedding_dim = m.weight.shape[1]
+        if name in graph.attention:
+            info = graph.attention[name]
+            kept = int((~rem[graph.root_of(info["labels"])]).sum()) // info["head_size"]
+            m.num_attention_heads = kept
+            if hasattr(m, "all_head_size"):
+                m.all_head_size = kept * info["head_size"]
+    return keep
+
+
+def mask_channels(model: nn.Module, report: ChannelPruningReport) -> nn.Module:
+    """The masked dense twin of a pruned model: a deep copy of the ORIGINAL ``model`` with every parameter
+    slice that :func:`prune_channels` removed set to zero (shapes unchanged; buffers untouched). In eval
+    mode it computes the same function as the pruned model, except where LayerNorm statistics span pruned
+    channels.
+
+    Args:
+        model: the model that was passed to :func:`prune_channels`.
+        report: the :class:`ChannelPruningReport` it returned.
+
+    Raises:
+        TypeError: wrong argument types.
+        ValueError: ``report`` names a parameter that ``model`` does not have, or an index out of range.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mask_channels(): expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(report, ChannelPruningReport):
+        raise TypeError(f"mask_channels(): expected a ChannelPruningReport, got {type(report).__name__}")
+    masked = copy.deepcopy(model)
+    state = dict(masked.named_parameters())
+    for pname, dims in report.param_keep.items():
+        if pname in dict(masked.named_buffers()):
+            continue
+        if pname not in state:
+            raise ValueError(f"mask_channels(): the report names parameter {pname!r}, which the model lacks")
+        p = state[pname]
+        with torch.no_grad():
+            for dim, idx in dims.items():
+                if len(idx) and int(max(idx)) >= p.shape[dim]:
+                    raise ValueError(f"mask_channels(): index {int(max(idx))} out of range for {pname} dim {dim} "
+                                     f"of size {p.shape[dim]}")
+                drop = torch.ones(p.shape[dim], dtype=torch.bool)
+                drop[torch.as_tensor(np.asarray(idx), dtype=torch.long)] = False
+                sl = [slice(None)] * p.dim()
+                sl[dim] = drop
+                p[tuple(sl)] = 0
+    return masked
+
+
+def _compose(prev: dict, step: dict) -> dict:
+    out = {k: dict(v) for k, v in prev.items()}
+    for pname, dims in step.items():
+        for dim, idx in dims.items():
+            base = out.get(pname, {}).get(dim)
+            out.setdefault(pname, {})[dim] = np.asarray(base)[idx] if base is not None else idx
+    return out
+
+
+def _shapes(outputs) -> list:
+    return [tuple(t.shape) for t in _flatten_tensors(outputs, [])]
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs,
+    ratio: float = 0.5,
+    importance: str = "l1",
+    round_to: int | None = None,
+    ignore: Iterable = (),
+    per_layer: Mapping[str, float] | None = None,
+    global_pruning: bool = False,
+    *,
+    calib: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    steps: int = 1,
+    finetune_data: Iterable | None = None,
+    finetune_kwargs: Mapping | None = None,
+    max_group_ratio: float = 0.9,
+    strict: bool = False,
+    progress: bool = True,
+    return_report: bool = False,
+):
+    """Remove whole channels (filters, features, attention heads) and return a new, physically smaller model.
+
+    Coupled layers are found by tracing (:class:`DependencyGraph`), so residual adds, concatenations,
+    depthwise / grouped convs, channel shuffles, squeeze-and-excitation, flatten -> Linear, normalisation
+    layers and attention heads stay consistent. The input model is never modified, even when an error is
+    raised.
+
+    Args:
+        model: the model (any ``nn.Module``; parameters float32/float64/half on any device).
+        example_inputs: what ``model`` is called with: a tensor, a tuple of positional inputs, or a dict of
+            keyword inputs. It decides the traced path and the MAC counts.
+        ratio: fraction of each group's units (channels, heads, conv groups) to remove, in [0, 1).
+            With ``steps > 1``, the total fraction after all steps.
+        importance: ``"l1"`` | ``"l2"`` | ``"taylor"`` | ``"bn_scale"`` (see :func:`group_importance`).
+        round_to: keep every group's channel count a multiple of this (e.g. 8, 16, 64); ``None``: no rounding.
+        ignore: modules or module names whose output channels must be kept. The model's outputs are always
+            kept (so the classifier keeps its classes).
+        per_layer: ``{module name: ratio}`` overriding ``ratio`` for the group containing that module's outputs.
+        global_pruning: rank units across all groups instead of pruning each group by ``ratio``.
+        calib: batches for ``importance="taylor"`` (``(inputs, targets)`` for the default cross-entropy).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for Taylor importance and fine-tuning.
+        steps: prune in this many steps, each removing the same fraction of what is left
+            (``1 - (1 - ratio) ** (1 / steps)``), fine-tuning in between when ``finetune_data`` is given.
+        finetune_data: batches for :func:`pruning.training.finetune` after every step.
+        finetune_kwargs: keyword arguments for ``finetune`` (e.g. ``{"epochs": 2, "lr": 1e-3}``).
+        max_group_ratio: with ``global_pruning``, the most any one group may lose.
+        strict: raise on ops the tracer does not understand instead of keeping their channels.
+        progress: progress bars for Taylor calibration and fine-tuning.
+        return_report: also return the :class:`ChannelPruningReport`.
+
+    Returns:
+        The pruned model (a new object, in the input model's train/eval mode), or ``(model, report)``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``; wrong argument types.
+        ValueError: bad ``ratio`` / ``importance`` / ``round_to`` / ``steps`` / ``per_layer`` / ``ignore``;
+            ``"taylor"`` without ``calib``.
+        TraceError (a ValueError): the forward pass failed while tracing (the message names the module), an
+            unsupported op with ``strict=True``, or the pruned model failed its check forward pass.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{_FN}: expected model as an nn.Module, got {type(model).__name__}")
+    normalize_inputs(example_inputs)
+    ratio = _check_ratio("ratio", ratio)
+    _check_ratio("max_group_ratio", max_group_ratio)
+    if not isinstance(importance, str) or importance not in IMPORTANCES:
+        raise ValueError(f"{_FN}: expected importance in {IMPORTANCES}, got {importance!r}")
+    if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"{_FN}: expected round_to as a positive int or None, got {round_to!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{_FN}: expected steps as an int >= 1, got {steps!r}")
+    if isinstance(ignore, (str, nn.Module)):
+        ignore = (ignore,)
+    ignore = tuple(ignore)
+    modules = dict(model.named_modules())
+    if per_layer is not None:
+        if not isinstance(per_layer, Mapping):
+            raise TypeError(f"{_FN}: expected per_layer as a dict {{module name: ratio}}, got "
+                            f"{type(per_layer).__name__}")
+        for k, v in per_layer.items():
+            if k not in modules:
+                raise ValueError(f"{_FN}: per_layer names {k!r}, which is not a submodule of the model")
+            _check_ratio(f"per_layer[{k!r}]", v)
+    if importance == "taylor" and calib is None:
+        raise ValueError(f"{_FN}: importance='taylor' needs calib batches (e.g. a DataLoader of (inputs, targets))")
+    if finetune_kwargs is not None and not isinstance(finetune_kwargs, Mapping):
+        raise TypeError(f"{_FN}: expected finetune_kwargs as a dict, got {type(finetune_kwargs).__name__}")
+    # names of the ignored modules survive the deep copy
+    ignore_names = []
+    ids = {id(m): n for n, m in modules.items()}
+    for item in ignore:
+        if isinstance(item, nn.Module):
+            if id(item) not in ids:
+                raise ValueError(f"{_FN}: ignore contains a {type(item).__name__} that is not a submodule of the model")
+            ignore_names.append(ids[id(item)])
+        elif isinstance(item, str):
+            if item not in modules:
+                raise ValueError(f"{_FN}: ignore names {item!r}, which is not a submodule of the model")
+            ignore_names.append(item)
+        else:
+            raise TypeError(f"{_FN}: expected ignore items as nn.Module or str, got {type(item).__name__}")
+
+    macs_before, macs_b = count_macs(model, example_inputs)
+    params_before = count_params(model)
+    with torch.no_grad():
+        ref_shapes = _shapes(run_model(model, example_inputs))
+
+    work = copy.deepcopy(model)
+    step_keep = 1.0 - (1.0 - ratio) ** (1.0 / steps)
+    total_keep: dict = {}
+    first_graph = None
+    first_groups = None
+    for step in range(steps):
+        graph = DependencyGraph(work, example_inputs, ignore=ignore_names, strict=strict)
+        if first_graph is None:
+            first_graph = graph
+            first_groups = [(g.index, tuple(g.spaces), g.channels, len(g.units), g.unit_channels, g.frozen_reason,
+                             [u for u in g.units]) for g in graph.groups]
+        scores = group_importance(work, graph, importance, calib=calib, loss_fn=loss_fn, progress=progress)
+        removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
+                               round_to=round_to, max_group_ratio=max_group_ratio)
+        if step == 0:
+            first_removed = removed
+        try:
+            keep = apply_channel_pruning(work, graph, removed)
+            with torch.no_grad():
+                was = work.training
+                work.eval()
+                out_shapes = _shapes(run_model(work, example_inputs))
+                work.train(was)
+        except Exception as e:
+            raise TraceError(
+                f"{_FN}: the pruned model failed its check forward pass ({type(e).__name__}: {e}); this model "
+                "uses an op whose channel coupling the tracer got wrong; pass strict=True to find it, or "
+                "ignore= the modules around it"
+            ) from e
+        if out_shapes != ref_shapes:
+            raise TraceError(f"{_FN}: the pruned model's output shapes {out_shapes} differ from the original "
+                             f"{ref_shapes}")
+        total_keep = _compose(total_keep, keep)
+        if finetune_data is not None:
+            from pruning.training import finetune
+
+            finetune(work, finetune_data, loss_fn, progress=progress, **dict(finetune_kwargs or {}))
+
+    macs_after, macs_a = count_macs(work, example_inputs)
+    # group report from the first step's graph, counted against the final model's parameters
+    groups = []
+    final_shapes = {n: tuple(t.shape) for n, t in {**dict(work.named_parameters()), **dict(work.named_buffers())}.items()}
+    for (idx, spaces, channels, n_units, uc, reason, units) in first_groups:
+        g = first_graph.groups[idx]
+        after_units = n_units
+        after_ch = channels
+        # measure on the first attached parameter of the group
+        for pname in g.params:
+            for a in first_graph.attachments[pname]:
+                roots = first_graph.root_of(a.labels)
+                if not set(roots.tolist()) & set(units):
+                    continue
+                if len(set(roots.tolist())) != n_units or len(roots) != a.labels.size:
+                    continue
+                size_after = final_shapes.get(pname, (0,) * (a.dim + 1))[a.dim]
+                after_ch = size_after * channels // max(len(roots), 1)
+                after_units = after_ch // max(uc, 1)
+                break
+            else:
+                continue
+            break
+        kept_reason = None if after_ch < channels else (reason or ("a single unit" if n_units <= 1 else
+                                                                      "ratio or rounding left it whole"))
+        groups.append(GroupReport(idx, spaces, channels, after_ch, n_units, after_units, kept_reason))
+    report = ChannelPruningReport(
+        params_before=params_before,
+        params_after=count_params(work),
+        macs_before=macs_before,
+        macs_after=macs_after,
+        layers=layer_stats(model, work, macs_b, macs_a),
+        groups=tuple(groups),
+        kept=tuple(first_graph.frozen),
+        param_keep={k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in total_keep.items()},
+        importance=importance,
+        ratio=ratio,
+        steps=steps,
+    )
+    work.train(model.training)
+    return (work, report) if return_report else work

@@ -1,0 +1,206 @@
+"""What the application layer measures about a model: MACs (PyTorch's own ``torch.utils.flop_counter``),
+non-zero parameters, real stored bytes, interleaved latency, and the roofline of known GPUs."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from ..bench.timing import Timing, time_fn
+
+__all__ = [
+    "MacCount",
+    "count_macs",
+    "nonzero_params",
+    "stored_bytes",
+    "time_interleaved",
+    "GpuPeak",
+    "GPU_PEAKS",
+    "device_peak",
+    "peak_for_name",
+    "roofline_columns",
+]
+
+
+@dataclass(frozen=True)
+class MacCount:
+    """Multiply-accumulates of one forward pass.
+
+    Attributes:
+        total: every MAC PyTorch executes (``FlopCounterMode`` flops / 2).
+        effective: MACs with a non-zero weight: each Conv2d / Linear's count times the fraction of its
+            weight that is non-zero (what 2:4 or unstructured sparsity can skip; equal to ``total`` for a
+            dense or filter-pruned model).
+        per_layer: ``{module name: (macs, effective macs)}`` for every Conv2d / Linear.
+    """
+
+    total: int
+    effective: int
+    per_layer: Mapping[str, tuple[int, int]]
+
+
+def _run(model: nn.Module, example) -> None:
+    if isinstance(example, Mapping):
+        model(**example)
+    elif isinstance(example, tuple):
+        model(*example)
+    else:
+        model(example)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example) -> MacCount:
+    """Count MACs of ``model(example)`` (a tensor, a tuple of positional args or a dict of kwargs).
+
+    Uses ``torch.utils.flop_counter.FlopCounterMode`` (no hand-written formulas). Run it on the dense or
+    masked-dense form of a model: a swapped model's custom ops are not counted by PyTorch.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            _run(model, example)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    per_layer = {}
+    effective_total = 0
+    counted = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or not name:
+            continue
+        flops = sum(counts.get(f"{root}.{name}", {}).values())
+        macs = int(flops // 2)
+        w = module.weight
+        density = float((w != 0).sum()) / max(w.numel(), 1)
+        eff = int(round(macs * density))
+        per_layer[name] = (macs, eff)
+        effective_total += eff
+        counted += macs
+    total = int(counter.get_total_flops() // 2)
+    # MACs outside Conv2d / Linear (attention matmuls, ...) are dense whatever the weights are.
+    effective_total += max(total - counted, 0)
+    return MacCount(total, effective_total, per_layer)
+
+
+def nonzero_params(model: nn.Module) -> int:
+    """Non-zero entries of the model's parameters (a 2:4 layer counts half, a filter-pruned one its new size)."""
+    return int(sum(int((p != 0).sum()) for p in model.parameters()))
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """Bytes of everything the model stores: its ``state_dict`` tensors (parameters, buffers, compressed
+    2:4 values and metadata), each storage counted once."""
+    seen = set()
+    total = 0
+    for t in model.state_dict().values():
+        if not isinstance(t, torch.Tensor):
+            continue
+        key = (t.device, t.data_ptr(), t.nbytes) if t.device.type != "meta" else id(t)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.nbytes
+    return int(total)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    device: torch.device | str = "cpu",
+    rounds: int = 5,
+    rep: int = 5,
+    warmup: int = 2,
+    progress: bool = True,
+    desc: str = "timing",
+) -> dict[str, Timing]:
+    """Time several callables in interleaved rounds (A B C, A B C, ...) with :func:`time_fn`.
+
+    On a shared CPU the load changes from second to second; interleaving exposes every variant to the same
+    conditions, so their ratio is fair. Each round takes ``rep`` samples per variant; the result per variant
+    is the median of the round medians, the median of the round quartiles, the overall minimum and the
+    total sample count.
+    """
+    from tqdm.auto import tqdm
+
+    if rounds < 1 or rep < 1:
+        raise ValueError(f"time_interleaved(): expected rounds >= 1 and rep >= 1, got {rounds}, {rep}")
+    per: dict[str, list[Timing]] = {k: [] for k in fns}
+    for fn in fns.values():  # warm every variant once before the first timed round
+        for _ in range(warmup):
+            fn()
+    for _ in tqdm(range(rounds), desc=desc, disable=not progress, leave=False):
+        for name, fn in fns.items():
+            per[name].append(time_fn(fn, device=device, warmup=1, rep=rep, max_time_s=5.0))
+    out = {}
+    for name, ts in per.items():
+        out[name] = Timing(
+            median_ms=statistics.median(t.median_ms for t in ts),
+            p25_ms=statistics.median(t.p25_ms for t in ts),
+            p75_ms=statistics.median(t.p75_ms for t in ts),
+            min_ms=min(t.min_ms for t in ts),
+            n=sum(t.n for t in ts),
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class GpuPeak:
+    """Datasheet peaks: dense fp16/bf16 tensor-core TFLOP/s and HBM TB/s."""
+
+    name: str
+    tflops_fp16: float
+    tbps: float
+
+
+# Datasheet figures (shared/TARGETS.md). Matched against torch.cuda.get_device_name() in this order.
+GPU_PEAKS: tuple[tuple[str, GpuPeak], ...] = (
+    ("h200", GpuPeak("H200", 989.0, 4.8)),
+    ("h100", GpuPeak("H100 SXM", 989.0, 3.35)),
+    ("a100", GpuPeak("A100 SXM", 312.0, 2.0)),
+)
+
+
+def device_peak(device: torch.device | str) -> GpuPeak | None:
+    """The :class:`GpuPeak` of a known GPU (H100, H200, A100), else ``None`` (CPU, unknown GPU: no roofline)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return peak_for_name(name)
+
+
+def peak_for_name(name: str) -> GpuPeak | None:
+    """Look a GPU name (``"NVIDIA H100 80GB HBM3"``) up in :data:`GPU_PEAKS`; ``None`` if unknown."""
+    name = name.lower()
+    for key, peak in GPU_PEAKS:
+        if key in name:
+            return peak
+    return None
+
+
+def roofline_columns(flops: float, nbytes: float, median_ms: float, peak: GpuPeak | None) -> dict:
+    """TFLOP/s, GB/s and % of the roofline for one timed call.
+
+    ``flops`` are the dense-equivalent floating-point operations (2 x MACs of the dense layer) and
+    ``nbytes`` the bytes the call must move at least (weights as stored + activations in and out). The
+    roofline is ``min(peak TFLOP/s, intensity x peak bandwidth)`` with the dense tensor-core peak; without a
+    known ``peak`` the percentage is ``None``.
+    """
+    seconds = median_ms / 1e3
+    if seconds <= 0:
+        return {"tflops": None, "gbps": None, "roofline_pct": None}
+    tflops = flops / seconds / 1e12
+    gbps = nbytes / seconds / 1e9
+    pct = None
+    if peak is not None and nbytes > 0:
+        attainable = min(peak.tflops_fp16 * 1e12, flops / nbytes * peak.tbps * 1e12)
+        pct = 100.0 * (flops / seconds) / attainable
+    return {"tflops": tflops, "gbps": gbps, "roofline_pct": pct}
+

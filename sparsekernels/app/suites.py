@@ -1,0 +1,450 @@
+"""Model suites: whole models and LLM-sized layers, dense against pruned / 2:4 on the device at hand.
+
+* **ResNet-50** (torchvision, random init): dense; filter-pruned at several channel ratios
+  (``pruning.prune_channels``, physically smaller); 2:4 on every eligible conv (``pruning.prune_weights`` +
+  ``sparsekernels.sparsify``); filters + 2:4.
+* **BERT-base-sized encoder** (``transformers.BertConfig``: hidden 768, 12 heads, FFN 3072, 12 layers,
+  random init) at batch 1-64, sequence 128: dense, heads/FFN filter-pruned, 2:4 on every encoder Linear.
+* **LLaMA-sized projections** (LLaMA-3-8B: q/o 4096x4096, k/v 4096->1024, gate/up 4096->14336, down
+  14336->4096) at decode (1-16 tokens) and prefill (512-8192 tokens): ``nn.Linear`` against ``SparseLinear``.
+
+Every row has the median latency and its interquartile range, the speedup over dense, TFLOP/s and GB/s
+(dense-equivalent FLOPs; bytes = weights as stored + input + output), the % of the roofline on a GPU of known
+peak (H100, H200, A100; none on the CPU), weight memory (and peak GPU memory), and -- for 2:4 -- the relative
+error of the swapped model against the masked dense one. A variant that cannot be built is a row with its
+``status`` saying why, never a silent gap. ``quick=True`` shrinks every size so all suites run on a CPU in
+about a minute.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SuiteSizes",
+    "SuiteResult",
+    "suite_sizes",
+    "resnet50_suite",
+    "bert_suite",
+    "llama_suite",
+    "SUITES",
+    "run_model_suites",
+    "suite_plot_specs",
+    "plot_suites",
+    "write_suite",
+    "MODEL_COLUMNS",
+    "LLAMA_COLUMNS",
+    "LLAMA_SHAPES",
+]
+
+# LLaMA-3-8B projections: (name, in_features, out_features)
+LLAMA_SHAPES = (
+    ("q/o 4096x4096", 4096, 4096),
+    ("k/v 4096->1024", 4096, 1024),
+    ("gate/up 4096->14336", 4096, 14336),
+    ("down 14336->4096", 14336, 4096),
+)
+
+
+@dataclass(frozen=True)
+class SuiteSizes:
+    """Every size the suites use; :func:`suite_sizes` picks them for a device and ``quick``."""
+
+    resnet_batch: int
+    resnet_resolution: int
+    resnet_ratios: tuple[float, ...]
+    bert_layers: int
+    bert_seq: int
+    bert_batches: tuple[int, ...]
+    llama_shapes: tuple[tuple[str, int, int], ...]
+    llama_tokens: tuple[int, ...]
+    rounds: int
+    rep: int
+
+
+def suite_sizes(device: torch.device | str, quick: bool) -> SuiteSizes:
+    """Sizes for ``device``: the full GPU sizes; CPU sizes that finish in minutes; ``quick``: about a minute
+    on a 2-core CPU (ResNet-50 at 64x64, a 2-layer encoder, projections shrunk 8x)."""
+    device = torch.device(device)
+    if quick:
+        small = tuple((f"{n.split()[0]} /8 {i // 8}->{o // 8}", i // 8, o // 8) for n, i, o in LLAMA_SHAPES)
+        return SuiteSizes(2, 64, (0.3,), 2, 32, (1, 4), small, (1, 16, 256), 3, 3)
+    if device.type == "cuda":
+        return SuiteSizes(64, 224, (0.2, 0.3, 0.5), 12, 128, (1, 4, 16, 64), LLAMA_SHAPES,
+                          (1, 4, 16, 512, 2048, 8192), 5, 10)
+    return SuiteSizes(8, 224, (0.3, 0.5), 12, 128, (1, 8), LLAMA_SHAPES, (1, 16, 128), 5, 5)
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """Rows of one suite, with the columns to show and the plots drawn from them."""
+
+    name: str
+    title: str
+    rows: list
+    columns: tuple
+    notes: str = ""
+    plots: tuple = field(default_factory=tuple)
+
+
+MODEL_COLUMNS = (
+    ("model", "model"),
+    ("variant", "variant"),
+    ("batch", "batch", "d"),
+    ("dtype", "dtype"),
+    ("latency_ms", "latency (ms)", ".3f"),
+    ("iqr_ms", "± IQR", ".3f"),
+    ("speedup", "speedup", ".2f"),
+    ("mac_ratio", "MACs / dense", ".2f"),
+    ("tflops", "TFLOP/s", ".2f"),
+    ("gbps", "GB/s", ".1f"),
+    ("roofline_pct", "% roofline", ".1f"),
+    ("weight_mb", "weights (MB)", ".1f"),
+    ("peak_mem_mb", "peak mem (MB)", ".0f"),
+    ("rel_err", "rel. err vs masked", ".1e"),
+    ("status", "status"),
+)
+
+LLAMA_COLUMNS = (
+    ("layer", "layer"),
+    ("tokens", "tokens", "d"),
+    ("dtype", "dtype"),
+    ("dense_ms", "dense (ms)", ".4f"),
+    ("latency_ms", "2:4 (ms)", ".4f"),
+    ("iqr_ms", "± IQR", ".4f"),
+    ("speedup", "speedup", ".2f"),
+    ("tflops", "TFLOP/s", ".2f"),
+    ("gbps", "GB/s", ".1f"),
+    ("roofline_pct", "% roofline", ".1f"),
+    ("weight_mb", "2:4 weights (MB)", ".1f"),
+    ("dense_weight_mb", "dense weights (MB)", ".1f"),
+    ("rel_err", "rel. err", ".1e"),
+    ("status", "status"),
+)
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _output_tensor(y):
+    if isinstance(y, torch.Tensor):
+        return y
+    if hasattr(y, "last_hidden_state"):
+        return y.last_hidden_state
+    if isinstance(y, (tuple, list)):
+        return y[0]
+    raise TypeError(f"cannot find the output tensor in {type(y).__name__}")
+
+
+def _call(model: nn.Module, example):
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
+
+
+def _peak_mem_mb(model: nn.Module, example, device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode():
+        _call(model, example)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 1e6
+
+
+def _nbytes(example) -> int:
+    if isinstance(example, dict):
+        return sum(v.nbytes for v in example.values() if isinstance(v, torch.Tensor))
+    return example.nbytes
+
+
+def _swap_24(model: nn.Module, example) -> tuple[nn.Module, str]:
+    """2:4-prune every eligible layer (magnitude), remove the masks, swap. Returns (masked dense copy, note)."""
+    import pruning
+
+    import sparsekernels
+
+    pruning.prune_weights(model, pattern="2:4", importance="magnitude")
+    pruning.remove_masks(model)
+    masked = copy.deepcopy(model)
+    report = sparsekernels.sparsify(model)
+    return masked, f"{len(report.swapped)} layers 2:4, {len(report.skipped)} dense"
+
+
+def _prune_filters(model: nn.Module, example, ratio: float) -> nn.Module:
+    import pruning
+
+    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1")
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _model_rows(
+    model_name: str,
+    build: Callable[[], nn.Module],
+    example_cpu,
+    variants: list[tuple[str, str, float]],
+    *,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    sizes: SuiteSizes,
+    progress: bool,
+) -> list[dict]:
+    """Build each variant (``(label, kind, ratio)`` with kind ``dense|filters|2:4|filters+2:4``), time them
+    interleaved, and return one row per variant."""
+    from .measure import count_macs, device_peak, roofline_columns, stored_bytes, time_interleaved
+
+    peak = device_peak(device)
+
+    def to_dev(ex):
+        if isinstance(ex, dict):
+            return {k: v.to(device) for k, v in ex.items()}
+        return ex.to(device=device, dtype=dtype)
+
+    example = to_dev(example_cpu)
+    torch.manual_seed(0)
+    base = build().eval()
+    dense_macs = count_macs(base, example_cpu).total
+    models, rows = {}, []
+    for label, kind, ratio in variants:
+        row = {"model": model_name, "variant": label, "batch": batch, "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+               "status": "ok"}
+        rows.append(row)
+        try:
+            m = copy.deepcopy(base)
+            if kind in ("filters", "filters+2:4"):
+                m = _prune_filters(m, example_cpu, ratio).eval()
+            macs = count_macs(m, example_cpu)
+            row["mac_ratio"] = macs.effective / dense_macs
+            row["flops"] = 2.0 * macs.total
+            m = m.to(device=device, dtype=dtype).eval()
+            if kind in ("2:4", "filters+2:4"):
+                masked, note = _swap_24(m, example)
+                with torch.inference_mode():
+                    row["rel_err"] = _rel_err(_output_tensor(_call(m, example)), _output_tensor(_call(masked, example)))
+                row["mac_ratio"] = count_macs(masked, example).effective / dense_macs
+                del masked
+                row["status"] = note
+            row["weight_bytes"] = stored_bytes(m)
+            row["weight_mb"] = row["weight_bytes"] / 1e6
+            row["peak_mem_mb"] = _peak_mem_mb(m, example, device)
+            models[label] = m
+        except Exception as e:  # a variant that cannot be built is reported, never hidden
+            row["status"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+
+    def runner(m):
+        def call():
+            with torch.inference_mode():
+                return _call(m, example)
+        return call
+
+    if models:
+        timings = time_interleaved({k: runner(m) for k, m in models.items()}, device=device, rounds=sizes.rounds,
+                                   rep=sizes.rep, progress=progress, desc=f"{model_name} b{batch}")
+        dense_ms = timings["dense"].median_ms if "dense" in timings else None
+        for row in rows:
+            t = timings.get(row["variant"])
+            if t is None:
+                continue
+            row.update(latency_ms=t.median_ms, iqr_ms=t.iqr_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms, samples=t.n)
+            row["speedup"] = dense_ms / t.median_ms if dense_ms else None
+            io = _nbytes(example) * 2  # input in, output of similar size out: a lower bound on traffic
+            row.update(roofline_columns(row["flops"], row["weight_bytes"] + io, t.median_ms, peak))
+    return rows
+
+
+def resnet50_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
+                   sizes: SuiteSizes | None = None) -> SuiteResult:
+    """ResNet-50: dense, filters at every ratio of ``sizes.resnet_ratios``, 2:4, filters + 2:4."""
+    import torchvision
+
+    sizes = sizes or suite_sizes(device, quick)
+    res, batch = sizes.resnet_resolution, sizes.resnet_batch
+    example = torch.randn(batch, 3, res, res)
+    both_ratio = sizes.resnet_ratios[len(sizes.resnet_ratios) // 2]
+    variants = [("dense", "dense", 0.0)]
+    variants += [(f"filters -{r:.0%}", "filters", r) for r in sizes.resnet_ratios]
+    variants += [("2:4", "2:4", 0.0), (f"filters -{both_ratio:.0%} + 2:4", "filters+2:4", both_ratio)]
+    rows = _model_rows(f"resnet50 {res}px", lambda: torchvision.models.resnet50(weights=None), example, variants,
+                       batch=batch, device=device, dtype=dtype, sizes=sizes, progress=progress)
+    return SuiteResult("resnet50", f"ResNet-50 (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
+                       notes="Filter ratios are fractions of channels removed (pruning.prune_channels, L1); "
+                       "MACs / dense counts non-zero-weight MACs (torch.utils.flop_counter).")
+
+
+def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
+               sizes: SuiteSizes | None = None) -> SuiteResult:
+    """A BERT-base-sized encoder (random init, no download) at every batch of ``sizes.bert_batches``."""
+    sizes = sizes or suite_sizes(device, quick)
+    try:
+        from transformers import BertConfig, BertModel
+    except ImportError as e:
+        row = {"model": "bert-base encoder", "variant": "dense", "status": f"failed: transformers missing ({e})"}
+        return SuiteResult("bert", "BERT-base encoder", [row], MODEL_COLUMNS)
+    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                        num_hidden_layers=sizes.bert_layers, max_position_embeddings=max(512, sizes.bert_seq))
+
+    def build():
+        return BertModel(config, add_pooling_layer=False)
+
+    rows = []
+    variants = [("dense", "dense", 0.0), ("filters -30%", "filters", 0.3), ("2:4", "2:4", 0.0)]
+    for batch in sizes.bert_batches:
+        gen = torch.Generator().manual_seed(batch)
+        example = {"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert_seq), generator=gen)}
+        rows += _model_rows(f"bert-base {sizes.bert_layers}L seq{sizes.bert_seq}", build, example, variants,
+                            batch=batch, device=device, dtype=dtype, sizes=sizes, progress=progress)
+    return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert_layers} layers, hidden 768, 12 heads, FFN 3072,"
+                       f" seq {sizes.bert_seq}, random init)", rows, MODEL_COLUMNS,
+                       notes="filters -30%: attention heads and FFN width pruned by pruning.prune_channels; "
+                       "2:4: every encoder Linear.")
+
+
+def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
+                sizes: SuiteSizes | None = None) -> SuiteResult:
+    """LLaMA-sized projections: ``nn.Linear`` vs ``SparseLinear`` (2:4 by magnitude) at every token count."""
+    import pruning
+    from tqdm.auto import tqdm
+
+    from ..nn.linear import SparseLinear
+    from .measure import device_peak, roofline_columns, stored_bytes, time_interleaved
+
+    sizes = sizes or suite_sizes(device, quick)
+    peak = device_peak(device)
+    rows = []
+    elt = torch.tensor([], dtype=dtype).element_size()
+    for name, k, n in tqdm(sizes.llama_shapes, desc="llama layers", disable=not progress, leave=False):
+        torch.manual_seed(0)
+        dense = nn.Linear(k, n, bias=False)
+        with torch.no_grad():
+            dense.weight.mul_(pruning.nm_mask(dense.weight.abs(), 2, 4))
+        dense = dense.to(device=device, dtype=dtype).eval()
+        sparse = SparseLinear.from_dense(dense).eval()
+        w_bytes, dense_bytes = stored_bytes(sparse), stored_bytes(dense)
+        for tokens in sizes.llama_tokens:
+            row = {"layer": name, "in": k, "out": n, "tokens": tokens, "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+                   "weight_mb": w_bytes / 1e6, "dense_weight_mb": dense_bytes / 1e6, "status": "ok"}
+            rows.append(row)
+            try:
+                x = torch.randn(tokens, k, device=device, dtype=dtype)
+                with torch.inference_mode():
+                    row["rel_err"] = _rel_err(sparse(x), dense(x))
+
+                def run(m):
+                    def call():
+                        with torch.inference_mode():
+                            return m(x)
+                    return call
+
+                t = time_interleaved({"dense": run(dense), "2:4": run(sparse)}, device=device, rounds=sizes.rounds,
+                                     rep=sizes.rep, progress=False)
+                flops = 2.0 * tokens * k * n
+                io = tokens * (k + n) * elt
+                row.update(dense_ms=t["dense"].median_ms, latency_ms=t["2:4"].median_ms, iqr_ms=t["2:4"].iqr_ms,
+                           dense_iqr_ms=t["dense"].iqr_ms, speedup=t["dense"].median_ms / t["2:4"].median_ms)
+                row.update(roofline_columns(flops, w_bytes + io, t["2:4"].median_ms, peak))
+                dense_roof = roofline_columns(flops, dense_bytes + io, t["dense"].median_ms, peak)
+                row.update({f"dense_{k2}": v for k2, v in dense_roof.items()})
+            except Exception as e:
+                row["status"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+        del dense, sparse
+    return SuiteResult("llama", "LLaMA-3-8B-sized projections, dense nn.Linear vs 2:4 SparseLinear", rows,
+                       LLAMA_COLUMNS, notes="TFLOP/s, GB/s and % roofline are the 2:4 layer's (dense-equivalent "
+                       "FLOPs; bytes = compressed weight + activations).")
+
+
+SUITES = {"resnet50": resnet50_suite, "bert": bert_suite, "llama": llama_suite}
+
+
+def suite_plot_specs(results: list[SuiteResult]) -> dict[str, dict]:
+    """``plot_lines`` arguments for ``latency_vs_tokens`` (LLaMA projections) and ``speedup_vs_sparsity``
+    (whole models: speedup against the fraction of MACs removed, with the ideal ``1 / MAC ratio``), from
+    whichever suites are in ``results`` (rows without a latency are left out)."""
+    specs = {}
+    for r in results:
+        if r.name != "llama":
+            continue
+        series = {}
+        for row in r.rows:
+            if row.get("latency_ms") is None:
+                continue
+            short = row["layer"].split()[0]
+            series.setdefault(f"{short} dense", []).append((row["tokens"], row["dense_ms"]))
+            series.setdefault(f"{short} 2:4", []).append((row["tokens"], row["latency_ms"]))
+        if series:
+            specs["latency_vs_tokens"] = dict(series=series, title="LLaMA-sized projections: latency vs tokens",
+                                              xlabel="tokens (M)", ylabel="latency (ms)", logx=True, logy=True)
+    series = {}
+    for r in results:
+        if r.name == "llama":
+            continue
+        for row in r.rows:
+            if row.get("speedup") is None or row.get("mac_ratio") is None or row["variant"] == "dense":
+                continue
+            kind = "2:4" if row["variant"] == "2:4" else ("filters + 2:4" if "2:4" in row["variant"] else "filters")
+            series.setdefault(f"{r.name} b{row.get('batch')} {kind}", []).append((1.0 - row["mac_ratio"], row["speedup"]))
+    if series:
+        xs = sorted({x for pts in series.values() for x, _ in pts})
+        series["ideal (1 / MAC ratio)"] = [(x, 1.0 / max(1.0 - x, 1e-3)) for x in xs]
+        specs["speedup_vs_sparsity"] = dict(series=series, title="Whole models: speedup over dense vs MACs removed",
+                                            xlabel="fraction of MACs removed (non-zero weights)",
+                                            ylabel="speedup over dense (x)", hline=1.0, hline_label="dense")
+    return specs
+
+
+def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device, prefix: str = "") -> list[Path]:
+    """Draw ``<prefix>latency_vs_tokens.png`` and ``<prefix>speedup_vs_sparsity.png`` (see
+    :func:`suite_plot_specs`) into ``out_dir``; returns the paths written."""
+    from ..bench.environment import environment_stamp
+    from ..bench.report import plot_lines
+
+    sub = environment_stamp(device)["device"]
+    return [plot_lines(Path(out_dir) / f"{prefix}{stem}.png", subtitle=sub, **spec)
+            for stem, spec in suite_plot_specs(results).items()]
+
+
+def write_suite(result: SuiteResult, out_dir: str | os.PathLike, device: torch.device, plots=()) -> Path:
+    """Write one suite as ``<out_dir>/models_<name>.json|md``; returns the JSON path."""
+    from ..bench.report import write_report
+
+    files = write_report(f"models_{result.name}", result.rows, result.columns, out_dir=out_dir, device=device,
+                         title=result.title, notes=result.notes, plots=plots)
+    return files.json
+
+
+def run_model_suites(
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    quick: bool = False,
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+    names: tuple[str, ...] = ("resnet50", "bert", "llama"),
+) -> list[Path]:
+    """Run the named suites, write each (JSON + Markdown) and the two plots to ``out_dir``; returns the paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"run_model_suites(): expected suite names from {tuple(SUITES)}, got {unknown}")
+    sizes = suite_sizes(device, quick)
+    results = [SUITES[n](device, dtype, quick=quick, progress=progress, sizes=sizes) for n in names]
+    plots = plot_suites(results, out, device, prefix="models_")
+    paths = []
+    for r in results:
+        mine = [p for p in plots if ("latency" in p.name) == (r.name == "llama")]
+        paths.append(write_suite(r, out, device, plots=mine))
+    return paths + plots
+

@@ -1,0 +1,336 @@
+"""The 2:4 Linear sweep: our op against dense ``F.linear`` and PyTorch's semi-structured sparse GEMM.
+
+Used by ``benchmarks/bench_sparse24_linear.py`` (pytest-benchmark) and by ``sparsekernels bench``.
+
+On a GPU: tokens M in :data:`TOKENS`, the LLM layers in :data:`LAYERS`, float16 and bfloat16; columns
+``dense`` (cuBLAS through ``F.linear`` on a prebuilt dense weight), ``triton`` (our kernel), ``cusparselt``
+(``torch.sparse.to_sparse_semi_structured`` weight, prebuilt; where the GPU / torch support it) and ``auto``
+(the dispatcher's choice, when ``sparsekernels.ops.dispatch`` is present).
+On the CPU: a small float32 sweep of the CPU path (``backend="auto"``) against dense ``F.linear``.
+
+Every row: median and interquartile range (ms), speedup over dense (dense median / this median), GB/s
+(bytes of weight + activations + output moved, the weight counted compressed for the sparse columns) and
+TFLOP/s (dense-equivalent ``2 * M * N * K``). Results are written as JSON and Markdown with
+:func:`~sparsekernels.bench.environment.environment_stamp` under ``benchmarks/results/<device_slug>/``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.sparse24 import Sparse24Weight, compress_24
+from .timing import Timing, time_fn
+
+__all__ = [
+    "TOKENS",
+    "LAYERS",
+    "QUICK_TOKENS",
+    "QUICK_LAYERS",
+    "Linear24Row",
+    "random_24_weight",
+    "run_linear24_sweep",
+    "cpu_design_study",
+    "write_results",
+    "results_dir_for",
+]
+
+TOKENS = (1, 4, 16, 64, 256, 2048, 8192)
+# (in_features K, out_features N): attention/square, MLP up (4096 -> 14336), MLP down (14336 -> 4096).
+LAYERS = ((4096, 4096), (4096, 14336), (14336, 4096))
+QUICK_TOKENS = (1, 16, 256)
+QUICK_LAYERS = ((1024, 1024), (1024, 4096))
+CPU_TOKENS = (1, 16, 256)
+CPU_LAYERS = ((1024, 1024), (4096, 4096))
+CPU_QUICK_TOKENS = (1, 256)
+CPU_QUICK_LAYERS = ((1024, 1024),)
+
+
+@dataclass(frozen=True)
+class Linear24Row:
+    """One measured (layer, tokens, dtype, backend) point."""
+
+    in_features: int
+    out_features: int
+    tokens: int
+    dtype: str
+    backend: str
+    median_ms: float
+    iqr_ms: float
+    p25_ms: float
+    p75_ms: float
+    n: int
+    speedup_vs_dense: float
+    gb_per_s: float
+    tflop_per_s: float
+    rel_err_vs_dense: Optional[float]
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_24_weight(out_features: int, in_features: int, dtype: torch.dtype, device, *, generator=None) -> torch.Tensor:
+    """A random dense ``[out, in]`` weight with exactly 2 non-zeros in every group of 4 (random positions)."""
+    w = torch.randn(out_features, in_features, generator=generator, device="cpu")
+    keep = torch.rand(out_features, in_features // 4, 4, generator=generator).argsort(-1) < 2
+    w = w * keep.reshape(out_features, in_features)
+    return w.to(device=device, dtype=dtype)
+
+
+def _bytes(m: int, n: int, k: int, elt: int, weight_bytes: int) -> int:
+    return weight_bytes + m * k * elt + m * n * elt
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, **kw) -> dict[str, Timing]:
+    """Time candidates round-robin ``rounds`` times; per candidate keep the round with the middle median.
+
+    On a shared CPU, interleaving keeps a burst of load from landing on one candidate only.
+    """
+    got: dict[str, list[Timing]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            got[name].append(time_fn(fn, device=device, **kw))
+    return {name: sorted(ts, key=lambda t: t.median_ms)[len(ts) // 2] for name, ts in got.items()}
+
+
+def _cusparselt_reason(device: torch.device, dtype: torch.dtype, n: int, k: int) -> Optional[str]:
+    from ..ops.sparse24_linear import cusparselt_unsupported_reason
+
+    return cusparselt_unsupported_reason(device, dtype, n, k)
+
+
+def _have_dispatcher() -> bool:
+    try:
+        from ..ops import dispatch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run_linear24_sweep(
+    device: torch.device | str | None = None,
+    *,
+    quick: bool = False,
+    tokens: Optional[Sequence[int]] = None,
+    layers: Optional[Sequence[tuple[int, int]]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = None,
+    out_dir: str | os.PathLike | None = None,
+    write: bool = True,
+    name: Optional[str] = None,
+    progress: bool = True,
+) -> list[Linear24Row]:
+    """Run the 2:4 Linear sweep and write its JSON + Markdown results.
+
+    Args:
+        device: ``"cuda"`` / ``"cpu"``; default the GPU if there is one.
+        quick: small shapes (GPU: 1024x1024 and 1024->4096 at M in {1, 16, 256}; CPU: 1024x1024 at
+            M in {1, 256}) for a smoke run.
+        tokens, layers, dtypes: override the grid (layers as ``(in_features, out_features)``).
+        out_dir: results root (default: the checkout's ``benchmarks/results``); files go to
+            ``<out_dir>/<device_slug>/<name>.{json,md}``.
+        write: write the result files (False: only return the rows).
+        name: file stem, default ``linear24`` (``linear24_quick`` when quick).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        The measured rows (dense rows included, speedup 1.0).
+
+    Raises:
+        ValueError: a layer's in_features not a multiple of 4, or tokens < 1.
+    """
+    from ..ops.sparse24_linear import cusparselt_unsupported_reason, sparse24_linear
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        tokens = tokens or (QUICK_TOKENS if quick else TOKENS)
+        layers = layers or (QUICK_LAYERS if quick else LAYERS)
+        dtypes = dtypes or (torch.float16, torch.bfloat16)
+    else:
+        tokens = tokens or (CPU_QUICK_TOKENS if quick else CPU_TOKENS)
+        layers = layers or (CPU_QUICK_LAYERS if quick else CPU_LAYERS)
+        dtypes = dtypes or (torch.float32,)
+    for k, n in layers:
+        if k % 4:
+            raise ValueError(f"run_linear24_sweep(): expected in_features to be a multiple of 4, got layer {(k, n)}")
+    if any(m < 1 for m in tokens):
+        raise ValueError(f"run_linear24_sweep(): expected tokens >= 1, got {tuple(tokens)}")
+
+    from tqdm.auto import tqdm
+
+    cases = [(k, n, dt) for (k, n) in layers for dt in dtypes]
+    rows: list[Linear24Row] = []
+    gen = torch.Generator().manual_seed(0)
+    bar = tqdm(total=len(cases) * len(tokens), desc="linear24", disable=not progress)
+    use_auto = on_gpu and _have_dispatcher()
+    for k, n, dt in cases:
+        dense_w = random_24_weight(n, k, dt, device, generator=gen)
+        w24 = compress_24(dense_w)
+        elt = dense_w.element_size()
+        sparse_bytes = w24.nbytes
+        ss_weight = None
+        if on_gpu and cusparselt_unsupported_reason(device, dt, n, k) is None:
+            ss_weight = torch.sparse.to_sparse_semi_structured(dense_w)
+        for m in tokens:
+            x = torch.randn(m, k, generator=gen).to(device=device, dtype=dt)
+            fns: dict[str, Callable[[], torch.Tensor]] = {"dense": lambda: F.linear(x, dense_w)}
+            if on_gpu:
+                fns["triton"] = lambda: sparse24_linear(x, w24, backend="triton")
+                if ss_weight is not None:
+                    fns["cusparselt"] = lambda: F.linear(x, ss_weight)
+                if use_auto:
+                    fns["auto"] = lambda: sparse24_linear(x, w24, backend="auto")
+            else:
+                fns["cpu_auto"] = lambda: sparse24_linear(x, w24, backend="auto")
+            with torch.inference_mode():
+                ref = fns["dense"]()
+                errs = {b: (None if b == "dense" else _rel_err(fn(), ref)) for b, fn in fns.items()}
+                timings = _time_rounds(fns, device, rounds=1 if on_gpu else 3, rep=20, max_time_s=5.0)
+            dense_ms = timings["dense"].median_ms
+            for backend, t in timings.items():
+                wbytes = n * k * elt if backend == "dense" else sparse_bytes
+                rows.append(
+                    Linear24Row(
+                        in_features=k,
+                        out_features=n,
+                        tokens=m,
+                        dtype=str(dt).replace("torch.", ""),
+                        backend=backend,
+                        median_ms=t.median_ms,
+                        iqr_ms=t.iqr_ms,
+                        p25_ms=t.p25_ms,
+                        p75_ms=t.p75_ms,
+                        n=t.n,
+                        speedup_vs_dense=dense_ms / t.median_ms,
+                        gb_per_s=_bytes(m, n, k, elt, wbytes) / (t.median_ms * 1e-3) / 1e9,
+                        tflop_per_s=2.0 * m * n * k / (t.median_ms * 1e-3) / 1e12,
+                        rel_err_vs_dense=errs[backend],
+                    )
+                )
+            bar.update(1)
+        del dense_w, w24, ss_weight
+    bar.close()
+    if write:
+        stem = name or ("linear24_quick" if quick else "linear24")
+        write_results(rows, device, out_dir, stem, title="2:4 sparse Linear vs dense")
+    return rows
+
+
+def cpu_design_study(
+    *,
+    layers: Sequence[tuple[int, int]] = ((1024, 1024), (4096, 4096)),
+    tokens: Sequence[int] = (1, 256),
+    out_dir: str | os.PathLike | None = None,
+    write: bool = True,
+    progress: bool = True,
+) -> list[Linear24Row]:
+    """Measure the candidate CPU designs for a 2:4 Linear against dense ``F.linear`` (float32).
+
+    Candidates: ``expand_per_call`` (expand the compressed weight, then ``F.linear``), ``cached_dense``
+    (what ``backend="auto"`` does on the CPU: a dense copy expanded once per weight), ``torch_sparse_csr``
+    (MKL CSR x dense) and, at M = 1, ``gather`` (gather ``x`` at the kept columns, multiply, sum).
+    Writes ``cpu_design_study.{json,md}`` under ``<out_dir>/cpu/`` (default root: the checkout's
+    ``benchmarks/results``) when ``write``. Returns the rows.
+    """
+    from tqdm.auto import tqdm
+
+    from ..ops.sparse24_linear import expand_24, sparse24_linear
+
+    device = torch.device("cpu")
+    rows: list[Linear24Row] = []
+    gen = torch.Generator().manual_seed(0)
+    bar = tqdm(total=len(layers) * len(tokens), desc="cpu designs", disable=not progress)
+    for k, n in layers:
+        dense_w = random_24_weight(n, k, torch.float32, device, generator=gen)
+        w24 = compress_24(dense_w)
+        csr = dense_w.to_sparse_csr()
+        cols = w24.indices()
+        for m in tokens:
+            x = torch.randn(m, k, generator=gen)
+            fns: dict[str, Callable[[], torch.Tensor]] = {
+                "dense": lambda: F.linear(x, dense_w),
+                "expand_per_call": lambda: F.linear(x, expand_24(w24.values, w24.meta, k)),
+                "cached_dense": lambda: sparse24_linear(x, w24, backend="auto"),
+                "torch_sparse_csr": lambda: torch.mm(csr, x.t()).t(),
+            }
+            if m == 1:
+                fns["gather"] = lambda: (x[0][cols] * w24.values).sum(-1, keepdim=True).t()
+            with torch.inference_mode():
+                ref = fns["dense"]()
+                errs = {nm: (None if nm == "dense" else _rel_err(fn(), ref)) for nm, fn in fns.items()}
+                timings = _time_rounds(fns, device, rounds=3, rep=20, max_time_s=5.0)
+            dense_ms = timings["dense"].median_ms
+            for nm, t in timings.items():
+                wbytes = n * k * 4 if nm in ("dense", "cached_dense") else w24.nbytes
+                rows.append(
+                    Linear24Row(
+                        k, n, m, "float32", nm, t.median_ms, t.iqr_ms, t.p25_ms, t.p75_ms, t.n,
+                        dense_ms / t.median_ms,
+                        _bytes(m, n, k, 4, wbytes) / (t.median_ms * 1e-3) / 1e9,
+                        2.0 * m * n * k / (t.median_ms * 1e-3) / 1e12,
+                        errs[nm],
+                    )
+                )
+            bar.update(1)
+    bar.close()
+    if write:
+        write_results(rows, device, out_dir, "cpu_design_study", title="2:4 Linear: CPU design candidates vs dense")
+    return rows
+
+
+_COLUMNS = (
+    ("in_features", "in", ""),
+    ("out_features", "out", ""),
+    ("tokens", "M", ""),
+    ("dtype", "dtype", ""),
+    ("backend", "backend", ""),
+    ("median_ms", "median ms", ".4f"),
+    ("iqr_ms", "IQR ms", ".4f"),
+    ("speedup_vs_dense", "speedup vs dense", ".2f"),
+    ("gb_per_s", "GB/s", ".1f"),
+    ("tflop_per_s", "TFLOP/s", ".3f"),
+    ("rel_err_vs_dense", "rel err vs dense", ".1e"),
+)
+
+_NOTES = (
+    "Speedup = dense median / this median (higher is better). GB/s counts the weight (compressed for the "
+    "sparse columns; dense for `dense` and `cached_dense`) + activations + output; TFLOP/s is dense-equivalent "
+    "2*M*N*K. CPU timings are the middle of 3 interleaved rounds of warmed-up medians."
+)
+
+
+def write_results(
+    rows: Iterable[Linear24Row], device: torch.device | str, out_dir: str | os.PathLike | None, stem: str, *, title: str
+) -> tuple[Path, Path]:
+    """Write ``rows`` with the environment stamp to ``<out_dir>/<device_slug>/<stem>.json`` and ``.md``.
+
+    Uses the project's report writer (:func:`sparsekernels.bench.report.write_report`).
+    """
+    from .report import results_dir, write_report
+
+    files = write_report(
+        stem,
+        [r.as_dict() for r in rows],
+        _COLUMNS,
+        out_dir=results_dir(device, out_dir),
+        device=device,
+        title=title,
+        notes=_NOTES,
+    )
+    return files.json, files.markdown
+
+
+def results_dir_for(device: torch.device | str, out_dir: str | os.PathLike | None = None) -> Path:
+    """Where :func:`write_results` puts files for ``device``: ``<out_dir or benchmarks/results>/<device_slug>``."""
+    from .report import results_dir
+
+    return results_dir(device, out_dir)

@@ -1,0 +1,169 @@
+"""``SparseLinear``: an inference ``nn.Linear`` whose weight is stored 2:4-compressed."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight, compress_24
+from ..ops._backend import check_backend
+from ..ops.sparse24_linear import sparse24_linear_tensors
+
+__all__ = ["SparseLinear"]
+
+# A freshly built layer (before loading a state_dict) stores zeros at positions 0 and 1 of every
+# group: nibble 0b0100 (first kept value at 0, second at 1), two groups per byte.
+_DEFAULT_META_BYTE = 0x44
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + bias`` with ``W`` ``[out, in]`` stored 2:4-compressed (inference only).
+
+    State (all that ``state_dict`` holds):
+
+    * ``weight_values``: ``nn.Parameter`` ``[out, in/2]`` (``requires_grad=False``), the kept values;
+    * ``weight_meta``: ``uint8`` buffer ``[out, ceil(in/8)]``, the packed positions
+      (see :mod:`sparsekernels.formats.sparse24`);
+    * ``bias``: ``nn.Parameter`` ``[out]`` (``requires_grad=False``) or ``None``.
+
+    The constructor builds correctly shaped state (zeros) on any device, the meta device included, so a
+    compressed checkpoint can be loaded with ``load_state_dict(state, assign=True)``.
+
+    On the CPU, ``backend="auto"`` multiplies by a dense copy of the weight expanded once and cached
+    beside the compressed tensors (not in the state_dict); measurements in ``docs/sparse24.md``.
+    On CUDA it runs the dispatcher's measured choice of Triton kernel / dense cuBLAS / cuSPARSELt.
+
+    Args:
+        in_features: input size, a multiple of 4.
+        out_features: output size.
+        bias: whether the layer has a bias.
+        backend: ``"auto"``, ``"triton"``, ``"reference"``, ``"dense"`` or ``"cusparselt"`` (see
+            :func:`sparsekernels.sparse24_linear`); ``SPARSEKERNELS_BACKEND`` overrides it.
+        device, dtype: where and in which dtype (float16 / bfloat16 / float32) to build the state.
+
+    Raises:
+        ValueError: ``in_features`` not a positive multiple of 4, ``out_features`` < 1, unknown backend.
+        TypeError: unsupported dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        fn = "SparseLinear()"
+        if not isinstance(in_features, int) or in_features < 4 or in_features % 4:
+            raise ValueError(f"{fn}: expected in_features to be a positive multiple of 4, got {in_features!r}")
+        if not isinstance(out_features, int) or out_features < 1:
+            raise ValueError(f"{fn}: expected out_features >= 1, got {out_features!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{fn}: expected dtype float16, bfloat16 or float32, got {dtype}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = check_backend(fn, backend)
+        self.weight_values = nn.Parameter(
+            torch.zeros(out_features, in_features // 2, device=device, dtype=dtype), requires_grad=False
+        )
+        self.register_buffer(
+            "weight_meta",
+            torch.full((out_features, (in_features + 7) // 8), _DEFAULT_META_BYTE, dtype=torch.uint8, device=device),
+        )
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    # -- conversion ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def check_convertible(linear: nn.Module) -> Optional[str]:
+        """``None`` if :meth:`from_dense` can convert ``linear``, else the reason in words."""
+        if not isinstance(linear, nn.Linear):
+            return f"not an nn.Linear (got {type(linear).__name__})"
+        w = linear.weight
+        if w.dtype not in SUPPORTED_DTYPES:
+            return f"weight dtype {w.dtype} is not float16, bfloat16 or float32"
+        if linear.in_features % 4:
+            return f"in_features={linear.in_features} is not a multiple of 4"
+        if w.device.type == "meta":
+            return "weight is on the meta device (its sparsity pattern is unknown)"
+        counts = (w.detach() != 0).reshape(w.shape[0], -1, 4).sum(-1)
+        bad = counts > 2
+        if bool(bad.any()):
+            flat = int(torch.nonzero(bad.reshape(-1))[0])
+            row, group = divmod(flat, counts.shape[1])
+            return (
+                f"weight is not 2:4 sparse: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
+                f"has {int(counts[row, group])} non-zeros"
+            )
+        return None
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, backend: str = "auto") -> "SparseLinear":
+        """Compress an ``nn.Linear`` whose weight is already 2:4 sparse (same device and dtype).
+
+        Raises:
+            ValueError: the layer cannot be converted (the message says why), or unknown backend.
+        """
+        reason = cls.check_convertible(linear)
+        if reason is not None:
+            raise ValueError(f"SparseLinear.from_dense(): cannot convert {linear!r}: {reason}")
+        w24 = compress_24(linear.weight)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            backend=backend,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+        with torch.no_grad():
+            layer.weight_values.copy_(w24.values)
+            layer.weight_meta.copy_(w24.meta)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach().to(linear.weight.dtype))
+        return layer
+
+    @property
+    def weight24(self) -> Sparse24Weight:
+        """The compressed weight as a :class:`Sparse24Weight` (shares storage with the module)."""
+        return Sparse24Weight(self.weight_values.detach(), self.weight_meta, (self.out_features, self.in_features))
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with exactly this layer's weights, on the same device and dtype."""
+        values = self.weight_values
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.weight24.to_dense())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- forward ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse24_linear_tensors(
+            x,
+            self.weight_values,
+            self.weight_meta,
+            self.in_features,
+            self.bias,
+            backend=self.backend,
+            fn="SparseLinear.forward()",
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity=2:4, backend={self.backend!r}"
+        )

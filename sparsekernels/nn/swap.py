@@ -1,0 +1,460 @@
+"""Whole-model swap: replace, in place, every ``nn.Linear`` / ``nn.Conv2d`` whose weight is 2:4 (or
+block) sparse by the matching sparse module, and undo it.
+
+Per instance, never by patching classes: each eligible layer is converted with its sparse module's
+``from_dense`` and assigned to its parent under the same name. Forward / backward hooks and pre-hooks
+move with the layer (the very same hook dictionaries, so the user's hook handles keep working), and so
+do the training flag, device and dtype. All replacements are built before the first one is assigned:
+if a conversion fails, the model is left exactly as it was.
+
+Layers that stay dense are reported with the reason, e.g. the ``out_proj`` of an
+``nn.MultiheadAttention`` (its parent reads ``out_proj.weight`` directly instead of calling it) or a
+weight that does not have the 2:4 pattern.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..ops._backend import check_backend
+
+__all__ = ["sparsify", "densify", "SwapReport", "SwappedLayer", "SkippedLayer", "PATTERNS"]
+
+PATTERNS = ("2:4", "block", "any")
+
+# sparse module class name -> module path; resolved lazily (importing sparsekernels stays cheap)
+_SPARSE_MODULES = {
+    "SparseLinear": "sparsekernels.nn.linear",
+    "SparseConv2d": "sparsekernels.nn.conv",
+    "BlockSparseLinear": "sparsekernels.nn.blocksparse",
+}
+
+# Every per-module hook container of nn.Module across torch >= 2.6 (missing ones are skipped).
+_HOOK_ATTRS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def sparse_module_class(name: str):
+    """The sparse module class called ``name`` (``"SparseLinear"``, ...), or None if it is unavailable."""
+    path = _SPARSE_MODULES.get(name)
+    if path is None:
+        return None
+    try:
+        module = importlib.import_module(path)
+    except ModuleNotFoundError as exc:
+        if exc.name == path:  # not part of this installation; any other import error is a real bug
+            return None
+        raise
+    return getattr(module, name, None)
+
+
+def sparse_module_types() -> tuple[type, ...]:
+    """The sparse module classes that are available in this installation."""
+    return tuple(c for c in (sparse_module_class(n) for n in _SPARSE_MODULES) if c is not None)
+
+
+@dataclass(frozen=True)
+class SwappedLayer:
+    """A layer that was replaced.
+
+    Attributes:
+        name: its qualified name in the model (the first one, if the module is registered twice).
+        pattern: ``"2:4"``, ``"block"`` (sparsify) or ``"dense"`` (densify).
+        source: the type that was there before, e.g. ``"Linear"``.
+        target: the type that is there now, e.g. ``"SparseLinear"``.
+        shape: the dense weight's shape.
+        dense_bytes: bytes of the dense weight.
+        stored_bytes: bytes of the weight as stored by the new module (values + metadata).
+    """
+
+    name: str
+    pattern: str
+    source: str
+    target: str
+    shape: tuple[int, ...]
+    dense_bytes: int
+    stored_bytes: int
+
+
+@dataclass(frozen=True)
+class SkippedLayer:
+    """A layer left as it was, and why."""
+
+    name: str
+    module_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SwapReport:
+    """What :func:`sparsify` / :func:`densify` did. ``str(report)`` is a readable table."""
+
+    swapped: tuple[SwappedLayer, ...]
+    skipped: tuple[SkippedLayer, ...]
+    action: str = "sparsify"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def swapped_names(self) -> list[str]:
+        return [s.name for s in self.swapped]
+
+    @property
+    def skipped_reasons(self) -> dict[str, str]:
+        """name -> reason for every layer left unchanged."""
+        return {s.name: s.reason for s in self.skipped}
+
+    @property
+    def dense_bytes(self) -> int:
+        return sum(s.dense_bytes for s in self.swapped)
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(s.stored_bytes for s in self.swapped)
+
+    def __str__(self) -> str:
+        verb = "swapped to sparse" if self.action == "sparsify" else "restored to dense"
+        lines = [f"{self.action}: {len(self.swapped)} layer(s) {verb}, {len(self.skipped)} left unchanged"]
+        if self.swapped:
+            rows = [
+                (s.name, s.pattern, f"{s.source} -> {s.target}", "x".join(map(str, s.shape)),
+                 f"{s.stored_bytes / max(s.dense_bytes, 1):.4f}")
+                for s in self.swapped
+            ]
+            lines += _table(("layer", "pattern", "module", "weight", "bytes vs dense"), rows)
+            if self.action == "sparsify":
+                lines.append(
+                    f"weights: {self.dense_bytes} dense bytes -> {self.stored_bytes} stored bytes "
+                    f"({self.stored_bytes / max(self.dense_bytes, 1):.4f})"
+                )
+        if self.skipped:
+            lines.append("left unchanged:")
+            lines += _table(("layer", "module", "reason"), [(s.name, s.module_type, s.reason) for s in self.skipped])
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = ["  " + fmt.format(*header).rstrip(), "  " + "  ".join("-" * w for w in widths)]
+    out += ["  " + fmt.format(*map(str, r)).rstrip() for r in rows]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model walking helpers (shared with tuning and checkpoints)
+
+
+def module_occurrences(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """id(module) -> every (parent, attribute, qualified name) under which it is registered."""
+    occ: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is None:
+                continue
+            name = f"{parent_name}.{attr}" if parent_name else attr
+            entries = occ.setdefault(id(child), [])
+            if all(p is not parent or a != attr for p, a, _ in entries):
+                entries.append((parent, attr, name))
+    return occ
+
+
+def move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hook dictionaries of ``old`` (shared, so existing hook handles stay valid)."""
+    for attr in _HOOK_ATTRS:
+        if attr in old.__dict__ and attr in new.__dict__:
+            setattr(new, attr, getattr(old, attr))
+    if "_is_full_backward_hook" in old.__dict__:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    new.train(old.training)
+
+
+def replace_modules(model: nn.Module, replacements: dict[int, nn.Module], occ=None) -> None:
+    """Assign ``replacements`` (id(old) -> new) at every place the old modules are registered."""
+    occ = module_occurrences(model) if occ is None else occ
+    for old_id, new in replacements.items():
+        for parent, attr, _ in occ[old_id]:
+            setattr(parent, attr, new)
+
+
+def _torch_prune_hook(module: nn.Module) -> bool:
+    try:
+        from torch.nn.utils.prune import BasePruningMethod
+    except ImportError:  # pragma: no cover - always present in torch >= 2.6
+        return False
+    return any(isinstance(h, BasePruningMethod) for h in module._forward_pre_hooks.values())
+
+
+def _shared_parameters(model: nn.Module) -> dict[int, set[str]]:
+    """id(parameter or buffer) -> names of the modules holding it (more than one: tied weights)."""
+    holders: dict[int, set[str]] = {}
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None:
+                holders.setdefault(id(t), set()).add(mod_name)
+    return holders
+
+
+def _mha_skips(model: nn.Module) -> tuple[set[int], list[SkippedLayer]]:
+    """The out_proj of every nn.MultiheadAttention, and its bare projection Parameters, with reasons."""
+    out_proj_ids: set[int] = set()
+    skipped: list[SkippedLayer] = []
+    for name, mha in model.named_modules():
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        out_proj_ids.add(id(mha.out_proj))
+        for pname in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+            if getattr(mha, pname, None) is not None:
+                skipped.append(
+                    SkippedLayer(
+                        f"{name}.{pname}" if name else pname,
+                        "Parameter",
+                        "a bare Parameter of nn.MultiheadAttention (read by F.multi_head_attention_forward), "
+                        "not an nn.Linear: there is no layer to swap",
+                    )
+                )
+    return out_proj_ids, skipped
+
+
+def _fast_path_guard(module: nn.Module, args) -> None:
+    """A no-op forward pre-hook. nn.TransformerEncoderLayer's fused inference fast path reads
+    ``linear1.weight`` / ``linear2.weight`` directly (a sparse layer has none); PyTorch skips that path
+    for a layer with hooks on any submodule, so this hook keeps the layer on its module-calling path."""
+    return None
+
+
+def _guard_transformer_fast_paths(model: nn.Module, replacements: dict[int, nn.Module], occ) -> list[str]:
+    notes = []
+    guarded = []
+    for old_id, new in replacements.items():
+        for parent, attr, name in occ[old_id]:
+            if isinstance(parent, nn.TransformerEncoderLayer) and attr in ("linear1", "linear2"):
+                if not any(h is _fast_path_guard for h in new._forward_pre_hooks.values()):
+                    new.register_forward_pre_hook(_fast_path_guard)
+                guarded.append(name)
+    if guarded:
+        notes.append(
+            "nn.TransformerEncoderLayer's fused inference fast path reads linear1.weight / linear2.weight directly; "
+            f"a no-op forward pre-hook on {', '.join(guarded)} makes those layers run their modules instead "
+            "(densify() removes it)"
+        )
+    swapped_ids = set(replacements)  # ids of the layers about to be replaced
+    for name, enc in model.named_modules():
+        if isinstance(enc, nn.TransformerEncoder) and getattr(enc, "use_nested_tensor", False) and len(enc.layers):
+            first = enc.layers[0]
+            if any(id(getattr(first, a, None)) in swapped_ids for a in ("linear1", "linear2")):
+                # its nested-tensor fast path reads layers[0].linear1.weight directly
+                enc.use_nested_tensor = False
+                notes.append(f"{name or '(root)'}.use_nested_tensor set to False: its nested-tensor fast path reads "
+                             "layers[0].linear1.weight directly")
+    return notes
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if n != "bias")
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def sparsify(
+    model: nn.Module,
+    filter_fn: Callable[[str, nn.Module], bool] | None = None,
+    backend: str = "auto",
+    *,
+    pattern: str = "2:4",
+    block_size: int | None = None,
+    min_block_sparsity: float = 0.5,
+) -> SwapReport:
+    """Replace, in place, every eligible ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a sparse module.
+
+    Args:
+        model: any ``nn.Module`` (on any device; weights float16 / bfloat16 / float32).
+        filter_fn: ``filter_fn(qualified_name, module) -> bool``; layers for which it returns False are
+            left dense (and reported). Default: consider every layer.
+        backend: the ``backend`` given to every new module (``"auto"``, ``"triton"``, ``"reference"``,
+            ``"dense"``, ``"cusparselt"``).
+        pattern: ``"2:4"`` (2:4 weights -> ``SparseLinear`` / ``SparseConv2d``), ``"block"`` (Linears
+            whose weight is block sparse -> ``BlockSparseLinear``) or ``"any"`` (2:4 first, then block).
+        block_size: block size for ``"block"`` / ``"any"`` (16, 32 or 64); None detects it.
+        min_block_sparsity: fraction of zero blocks a Linear needs to become block sparse.
+
+    Returns:
+        A :class:`SwapReport` listing the swapped layers and every Linear / Conv2d left dense, with
+        the reason (from the sparse module's ``check_convertible`` or from the model's structure).
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module`` or ``filter_fn`` not callable.
+        ValueError: unknown ``backend`` or ``pattern``. If converting a layer fails, the error names the
+            layer and the model is left unchanged.
+    """
+    fn = "sparsify()"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{fn}: expected filter_fn to be callable (name, module) -> bool or None, got {type(filter_fn).__name__}")
+    check_backend(fn, backend)
+    if pattern not in PATTERNS:
+        raise ValueError(f"{fn}: expected pattern to be one of {PATTERNS}, got {pattern!r}")
+
+    sparse_linear = sparse_module_class("SparseLinear")
+    sparse_conv = sparse_module_class("SparseConv2d")
+    block_linear = sparse_module_class("BlockSparseLinear")
+
+    occ = module_occurrences(model)
+    holders = _shared_parameters(model)
+    out_proj_ids, skipped = _mha_skips(model)
+    plans: list[tuple[str, nn.Module, type, str]] = []  # (name, old module, new class, pattern)
+    seen: set[int] = set()
+
+    for name, module in [("", model)] + [(n, m) for n, m in model.named_modules() if n]:
+        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        tname = type(module).__name__
+
+        def skip(reason: str) -> None:
+            skipped.append(SkippedLayer(name or "(root)", tname, reason))
+
+        if not name:
+            skip("the model itself is the layer: there is no parent to replace it in; use the sparse module's from_dense()")
+            continue
+        if id(module) in out_proj_ids:
+            skip(
+                "out_proj of nn.MultiheadAttention: its parent passes out_proj.weight to "
+                "F.multi_head_attention_forward instead of calling the layer, so a swapped layer would never run"
+            )
+            continue
+        if parametrize.is_parametrized(module):
+            skip("has torch.nn.utils.parametrize parametrizations; remove them first (parametrize.remove_parametrizations)")
+            continue
+        if _torch_prune_hook(module):
+            skip("holds a torch.nn.utils.prune mask (weight_orig * weight_mask); make it permanent first with "
+                 "torch.nn.utils.prune.remove(module, 'weight')")
+            continue
+        if type(module) not in (nn.Linear, nn.Conv2d):
+            skip(f"a subclass of nn.{'Linear' if isinstance(module, nn.Linear) else 'Conv2d'}: only exact "
+                 "nn.Linear / nn.Conv2d are swapped (a subclass may change forward or be read directly)")
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            skip("excluded by filter_fn")
+            continue
+        tied = holders.get(id(module.weight), set()) - {n for _, _, n in occ[id(module)]}
+        if tied:
+            skip(f"weight is shared with {', '.join(sorted(tied))} (tied weights); swapping would untie it")
+            continue
+
+        if isinstance(module, nn.Conv2d):
+            if pattern == "block":
+                skip("pattern='block' applies to nn.Linear only")
+            elif sparse_conv is None:
+                skip("SparseConv2d is not available in this installation")
+            else:
+                reason = sparse_conv.check_convertible(module)
+                if reason is None:
+                    plans.append((name, module, sparse_conv, "2:4"))
+                else:
+                    skip(f"not 2:4: {reason}")
+            continue
+
+        reasons = []
+        if pattern in ("2:4", "any"):
+            reason = "SparseLinear is not available" if sparse_linear is None else sparse_linear.check_convertible(module)
+            if reason is None:
+                plans.append((name, module, sparse_linear, "2:4"))
+                continue
+            reasons.append(f"not 2:4: {reason}")
+        if pattern in ("block", "any"):
+            if block_linear is None:
+                reason = "BlockSparseLinear is not available"
+            else:
+                reason = block_linear.check_convertible(
+                    module, block_size=block_size, min_block_sparsity=min_block_sparsity
+                )
+            if reason is None:
+                plans.append((name, module, block_linear, "block"))
+                continue
+            reasons.append(f"not block sparse: {reason}")
+        skip("; ".join(reasons))
+
+    # Build every replacement before touching the model.
+    replacements: dict[int, nn.Module] = {}
+    swapped: list[SwappedLayer] = []
+    for name, module, cls, pat in plans:
+        try:
+            if pat == "block":
+                new = cls.from_dense(module, block_size=block_size, min_block_sparsity=min_block_sparsity, backend=backend)
+            else:
+                new = cls.from_dense(module, backend=backend)
+        except Exception as exc:
+            err = type(exc) if isinstance(exc, (ValueError, TypeError)) else RuntimeError
+            raise err(f"{fn}: converting layer {name!r} ({type(module).__name__}) failed, the model is "
+                      f"unchanged: {exc}") from exc
+        move_hooks(module, new)
+        replacements[id(module)] = new
+        swapped.append(
+            SwappedLayer(name, pat, type(module).__name__, type(new).__name__, tuple(module.weight.shape),
+                         module.weight.numel() * module.weight.element_size(), _stored_bytes(new))
+        )
+    notes = _guard_transformer_fast_paths(model, replacements, occ)
+    replace_modules(model, replacements, occ)
+    return SwapReport(tuple(swapped), tuple(skipped), "sparsify", tuple(notes))
+
+
+def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> SwapReport:
+    """Undo :func:`sparsify`: replace every sparse module of ``model`` by its dense ``to_dense()`` layer.
+
+    Args:
+        model: an ``nn.Module``.
+        filter_fn: ``filter_fn(qualified_name, module) -> bool``; sparse layers for which it returns
+            False stay sparse.
+
+    Returns:
+        A :class:`SwapReport` (``action="densify"``) listing the layers made dense again.
+
+    Raises:
+        TypeError: ``model`` not an ``nn.Module`` or ``filter_fn`` not callable.
+    """
+    fn = "densify()"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"{fn}: expected filter_fn to be callable (name, module) -> bool or None, got {type(filter_fn).__name__}")
+    sparse_types = sparse_module_types()
+    occ = module_occurrences(model)
+    replacements: dict[int, nn.Module] = {}
+    swapped: list[SwappedLayer] = []
+    skipped: list[SkippedLayer] = []
+    for name, module in model.named_modules():
+        if not sparse_types or not isinstance(module, sparse_types):
+            continue
+        if not name:
+            skipped.append(SkippedLayer("(root)", type(module).__name__, "the model itself is the layer; call .to_dense()"))
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            skipped.append(SkippedLayer(name, type(module).__name__, "excluded by filter_fn"))
+            continue
+        stored = _stored_bytes(module)
+        dense = module.to_dense()
+        move_hooks(module, dense)
+        for hid in [k for k, h in dense._forward_pre_hooks.items() if h is _fast_path_guard]:
+            del dense._forward_pre_hooks[hid]
+        replacements[id(module)] = dense
+        swapped.append(
+            SwappedLayer(name, "dense", type(module).__name__, type(dense).__name__, tuple(dense.weight.shape),
+                         dense.weight.numel() * dense.weight.element_size(), stored)
+        )
+    replace_modules(model, replacements, occ)
+    return SwapReport(tuple(swapped), tuple(skipped), "densify")

@@ -1,0 +1,590 @@
+"""The dispatcher: for every op and shape bucket, run whichever backend is fastest on the device at hand.
+
+The ops call :func:`select` with a mapping of candidate backends (``"triton"``, ``"dense"``, and
+``"cusparselt"`` where the GPU supports it), each a zero-argument callable that computes the op. The
+first time a ``(op, key, device)`` is seen, every candidate is timed (warm-up, then the median of
+several runs with :func:`sparsekernels.bench.timing.time_fn`) and the fastest wins -- except that
+``"dense"`` is kept unless a sparse candidate beats it by more than the measurement noise, so a
+dispatched layer is never slower than dense. The decision and every measured time are kept in memory
+and persisted to a JSON tuning cache, so a later process reuses them without measuring again.
+
+The tuning cache lives in ``$SPARSEKERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparsekernels``, else
+``~/.cache/sparsekernels``, in the file :data:`CACHE_FILE`. Decisions are grouped by an *environment
+key* (device name + torch / triton / sparsekernels versions, see :func:`environment_key`): a
+decision measured on one GPU or library version is never reused on another. Writers take an
+exclusive ``fcntl`` lock on a side file, re-read the cache, merge their entry and replace the file
+atomically (``os.replace``), so concurrent processes never lose each other's entries and readers
+never see a torn file.
+
+No measuring happens while ``torch.compile`` traces (``torch.compiler.is_compiling()``) or while a
+CUDA graph is being captured: then :func:`select` returns the cached decision, or ``default`` when
+there is none. ``SPARSEKERNELS_BACKEND`` (see :mod:`sparsekernels.ops._backend`) bypasses the
+dispatcher altogether.
+
+Tests and benchmarks may inject a timer (:func:`use_timer`), and may call :func:`select` with CPU
+callables: the dispatcher itself is device-agnostic.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import json
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Mapping
+
+import torch
+
+from .._version import __version__
+from ..bench.timing import Timing, time_fn
+
+__all__ = [
+    "select",
+    "cached",
+    "Decision",
+    "lookup",
+    "decisions",
+    "record",
+    "use_timer",
+    "set_timer",
+    "reset",
+    "cache_dir",
+    "cache_path",
+    "environment_key",
+    "timing_allowed",
+    "choose",
+    "CACHE_ENV",
+    "CACHE_FILE",
+    "NOISE_REL",
+]
+
+CACHE_ENV = "SPARSEKERNELS_CACHE_DIR"
+CACHE_FILE = "tuning-v1.json"
+_FORMAT = 1
+
+# A sparse candidate replaces dense only when its median is faster than dense's by more than this
+# fraction of dense's median (and by more than half the two interquartile ranges). 2 % sits above the
+# run-to-run spread of CUDA-event medians with an L2 flush (typically < 1 %), and keeps every
+# dispatched layer within the 0.97x-of-dense target even when a measurement is slightly optimistic.
+NOISE_REL = 0.02
+DENSE = "dense"
+
+# Timing budget per candidate. On a GPU time_fn repeats until ~100 ms of runs are taken.
+_WARMUP = 3
+_REP = 10
+_MAX_TIME_S = 2.0
+
+Timer = Callable[[str, Callable[[], object], torch.device], "Timing | float"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One dispatch decision.
+
+    Attributes:
+        op: the op name, e.g. ``"sparse24_linear"``.
+        key: the shape bucket as a JSON string (the ``key`` tuple given to :func:`select`).
+        choice: the chosen candidate.
+        timings: candidate -> measured :class:`~sparsekernels.bench.timing.Timing` (milliseconds).
+        errors: candidate -> error message, for candidates that raised while being measured.
+        environment: the environment key the decision belongs to (device name and versions).
+        source: ``"measured"`` (this process measured it) or ``"cache"`` (read from the tuning cache).
+        measured_at: UTC time of the measurement, ISO 8601.
+    """
+
+    op: str
+    key: str
+    choice: str
+    timings: Mapping[str, Timing] = field(default_factory=dict)
+    errors: Mapping[str, str] = field(default_factory=dict)
+    environment: str = ""
+    source: str = "measured"
+    measured_at: str = ""
+
+    def speedup_over_dense(self) -> float | None:
+        """Dense median / chosen median, or None when dense was not measured."""
+        if DENSE not in self.timings or self.choice not in self.timings:
+            return None
+        return self.timings[DENSE].median_ms / self.timings[self.choice].median_ms
+
+    def to_json(self) -> dict:
+        return {
+            "choice": self.choice,
+            "timings": {name: t.as_dict() for name, t in self.timings.items()},
+            "errors": dict(self.errors),
+            "measured_at": self.measured_at,
+        }
+
+    @classmethod
+    def from_json(cls, op: str, key: str, environment: str, data: dict) -> "Decision":
+        timings = {}
+        for name, t in data.get("timings", {}).items():
+            timings[name] = Timing(
+                float(t["median_ms"]), float(t["p25_ms"]), float(t["p75_ms"]), float(t["min_ms"]), int(t["n"])
+            )
+        return cls(
+            op=op,
+            key=key,
+            choice=str(data["choice"]),
+            timings=timings,
+            errors={str(k): str(v) for k, v in data.get("errors", {}).items()},
+            environment=environment,
+            source="cache",
+            measured_at=str(data.get("measured_at", "")),
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# State. ``_memo`` is the fast path every op call takes: (op, key, device) -> (choice, candidates considered).
+_lock = threading.RLock()
+_memo: dict[tuple, str] = {}
+_decisions: dict[tuple[str, str, str], Decision] = {}  # (environment, op, key json) -> Decision
+_disk: dict[str, dict] = {}  # cache file path -> its parsed "environments" mapping, loaded once
+_recorders: list[list] = []
+_timer: Timer | None = None
+_warned_unwritable: set[str] = set()
+
+
+def reset() -> None:
+    """Forget every in-memory decision and the loaded cache file (the next call re-reads the disk).
+
+    This is what a new process sees; tests use it to simulate a restart.
+    """
+    with _lock:
+        _memo.clear()
+        _decisions.clear()
+        _disk.clear()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Keys and paths
+
+
+def cache_dir() -> str:
+    """The tuning-cache folder: ``$SPARSEKERNELS_CACHE_DIR``, ``$XDG_CACHE_HOME/sparsekernels`` or
+    ``~/.cache/sparsekernels``."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(os.path.abspath(base), "sparsekernels")
+
+
+def cache_path() -> str:
+    """The tuning-cache file (JSON)."""
+    return os.path.join(cache_dir(), CACHE_FILE)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_version() -> str:
+    # importlib.metadata instead of ``import triton``: importing sparsekernels must stay cheap.
+    try:
+        from importlib.metadata import version
+
+        return version("triton")
+    except Exception:  # triton not installed (macOS, Windows)
+        return "none"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    from ..bench.environment import _device_name as host_name
+
+    return host_name(device)
+
+
+def environment_key(device: torch.device | str = "cpu") -> str:
+    """The key decisions are stored under: device name and the versions that decide a timing.
+
+    Example: ``"NVIDIA H100 80GB HBM3|torch 2.11.0+cu128|triton 3.6.0|sparsekernels 0.1.0"``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return f"{_device_name(device)}|torch {torch.__version__}|triton {_triton_version()}|sparsekernels {__version__}"
+
+
+def _atom(x):
+    if isinstance(x, bool) or x is None or isinstance(x, (int, float, str)):
+        return x
+    if isinstance(x, (torch.dtype, torch.device)):
+        return str(x)
+    if isinstance(x, tuple):
+        return [_atom(v) for v in x]
+    raise TypeError(
+        "select(): expected the key to hold only int, float, str, bool, None, torch.dtype, torch.device or "
+        f"nested tuples of them, got an element of type {type(x).__name__}: {x!r}"
+    )
+
+
+def _key_json(key: tuple) -> str:
+    return json.dumps(_atom(key), separators=(",", ":"))
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        # The ops call select() on CUDA only, with CUDA initialised by their inputs.
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
+# Timing
+
+
+def timing_allowed() -> bool:
+    """False while ``torch.compile`` traces or while the current CUDA stream captures a graph."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def _default_timer(name: str, fn: Callable[[], object], device: torch.device) -> Timing:
+    return time_fn(fn, device=device, warmup=_WARMUP, rep=_REP, max_time_s=_MAX_TIME_S)
+
+
+def set_timer(timer: Timer | None) -> Timer | None:
+    """Replace the timer used to measure candidates; ``None`` restores the default. Returns the previous one.
+
+    A timer is called as ``timer(name, fn, device)`` and returns a
+    :class:`~sparsekernels.bench.timing.Timing` or a median in milliseconds (a float).
+    """
+    global _timer
+    if timer is not None and not callable(timer):
+        raise TypeError(f"set_timer(): expected a callable or None, got {type(timer).__name__}")
+    with _lock:
+        previous, _timer = _timer, timer
+    return previous
+
+
+@contextlib.contextmanager
+def use_timer(timer: Timer) -> Iterator[None]:
+    """Context manager form of :func:`set_timer` (restores the previous timer on exit)."""
+    previous = set_timer(timer)
+    try:
+        yield
+    finally:
+        set_timer(previous)
+
+
+def _as_timing(value) -> Timing:
+    if isinstance(value, Timing):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+        return Timing(v, v, v, v, 1)
+    raise TypeError(f"select(): expected the timer to return a Timing or a float (ms), got {type(value).__name__}")
+
+
+def choose(timings: Mapping[str, Timing]) -> str:
+    """The fastest candidate, except that ``"dense"`` stays unless beaten by more than the noise.
+
+    Args:
+        timings: candidate name -> :class:`Timing` (at least one).
+
+    Returns:
+        The chosen name. A non-dense candidate wins over ``"dense"`` only if its median is below
+        ``dense.median - max(NOISE_REL * dense.median, (dense.iqr + candidate.iqr) / 2)``.
+    """
+    if not timings:
+        raise ValueError("choose(): expected at least one measured candidate, got none")
+    fastest = min(timings, key=lambda n: (timings[n].median_ms, n != DENSE))
+    if fastest == DENSE or DENSE not in timings:
+        return fastest
+    dense, best = timings[DENSE], timings[fastest]
+    margin = max(NOISE_REL * dense.median_ms, 0.5 * (dense.iqr_ms + best.iqr_ms))
+    return fastest if best.median_ms < dense.median_ms - margin else DENSE
+
+
+def _measure(op: str, key: str, env: str, candidates: Mapping[str, Callable], device: torch.device) -> Decision:
+    timer = _timer or _default_timer
+    timings: dict[str, Timing] = {}
+    errors: dict[str, str] = {}
+    first_error: BaseException | None = None
+    with torch.no_grad():
+        for name, fn in candidates.items():
+            try:
+                measured = timer(name, fn, device)
+            except Exception as exc:  # a backend that cannot run this shape is excluded, and recorded
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                first_error = first_error or exc
+                continue
+            timings[name] = _as_timing(measured)
+    if not timings:
+        raise RuntimeError(
+            f"select(): every candidate of {op} {key} failed on {device}: {errors}"
+        ) from first_error
+    return Decision(
+        op=op,
+        key=key,
+        choice=choose(timings),
+        timings=timings,
+        errors=errors,
+        environment=env,
+        source="measured",
+        measured_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tuning cache on disk
+
+
+def _read_cache(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"sparsekernels: ignoring unreadable tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("environments"), dict):
+        return {}
+    return data["environments"]
+
+
+@contextlib.contextmanager
+def _file_lock(path: str) -> Iterator[None]:
+    try:
+        import fcntl
+    except ImportError:  # Windows: atomic replace only (a concurrent writer may drop an entry)
+        yield
+        return
+    with open(path, "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _disk_store(path: str) -> dict:
+    store = _disk.get(path)
+    if store is None:
+        store = _disk[path] = _read_cache(path)
+    return store
+
+
+def _persist(path: str, decision: Decision) -> None:
+    entry = f"{decision.op}|{decision.key}"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with _file_lock(path + ".lock"):
+            envs = _read_cache(path)  # merge with what other processes wrote meanwhile
+            envs.setdefault(decision.environment, {})[entry] = decision.to_json()
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump({"format": _FORMAT, "environments": envs}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        _disk[path] = envs
+    except OSError as exc:
+        if path not in _warned_unwritable:
+            _warned_unwritable.add(path)
+            warnings.warn(
+                f"sparsekernels: cannot write the tuning cache {path} ({exc}); decisions are kept in memory only. "
+                f"Set {CACHE_ENV} to a writable folder.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+
+def _cached_decision(path: str, env: str, op: str, key: str) -> Decision | None:
+    decision = _decisions.get((env, op, key))
+    if decision is not None:
+        return decision
+    data = _disk_store(path).get(env, {}).get(f"{op}|{key}")
+    if data is None:
+        return None
+    try:
+        decision = Decision.from_json(op, key, env, data)
+    except (KeyError, TypeError, ValueError):
+        return None
+    _decisions[(env, op, key)] = decision
+    return decision
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def select(
+    op: str,
+    key: tuple,
+    candidates: Mapping[str, Callable[[], torch.Tensor]],
+    *,
+    default: str,
+    device: torch.device | str | None = None,
+) -> str:
+    """Name of the fastest candidate for ``(op, key, device)``, measuring once and caching.
+
+    Args:
+        op: the op's name, e.g. ``"sparse24_linear"``.
+        key: the shape bucket, a tuple of int / float / str / bool / None / torch.dtype (e.g.
+            ``(m_bucket, n, k, torch.float16, has_bias)``). Everything that changes which backend is
+            fastest belongs in it; the device does not (it is added here).
+        candidates: backend name -> zero-argument callable computing the op with that backend (its
+            result is discarded). Called many times while measuring; never called on a cache hit.
+        default: the name returned when there is no decision yet and timing is not allowed
+            (``torch.compile`` tracing, CUDA-graph capture). Must be one of ``candidates``.
+        device: where the candidates run; default: the current CUDA device if CUDA is initialised,
+            else the CPU.
+
+    Returns:
+        The chosen candidate name (a key of ``candidates``).
+
+    Raises:
+        TypeError: ``op`` not a str, ``key`` not a tuple (or holding other types), ``candidates`` not a
+            mapping of callables, or the injected timer returning something else than a Timing / float.
+        ValueError: no candidates, or ``default`` not among them.
+        RuntimeError: every candidate raised while being measured.
+    """
+    dev = _resolve_device(device)
+    memo_key = (op, key, dev)
+    if _recorders:
+        for rec in _recorders:
+            rec.append((op, key, dev))
+    try:
+        hit = _memo.get(memo_key)
+    except TypeError:  # unhashable key: validated (and rejected) below
+        hit = None
+    if hit is not None and hit[0] in candidates and hit[1].issuperset(candidates):
+        return hit[0]
+    return _select_slow(op, key, candidates, default, dev, memo_key)
+
+
+def _select_slow(op, key, candidates, default, dev, memo_key) -> str:
+    if not isinstance(op, str) or not op:
+        raise TypeError(f"select(): expected op to be a non-empty str, got {op!r}")
+    if not isinstance(key, tuple):
+        raise TypeError(f"select(): expected key to be a tuple, got {type(key).__name__}")
+    if not isinstance(candidates, Mapping):
+        raise TypeError(f"select(): expected candidates to be a mapping name -> callable, got {type(candidates).__name__}")
+    if len(candidates) == 0:
+        raise ValueError("select(): expected at least one candidate, got an empty mapping")
+    for name, fn in candidates.items():
+        if not isinstance(name, str) or not callable(fn):
+            raise TypeError(f"select(): expected candidates to map str -> callable, got {name!r} -> {type(fn).__name__}")
+    if default not in candidates:
+        raise ValueError(f"select(): expected default to be one of {sorted(candidates)}, got {default!r}")
+    key_json = _key_json(key)
+    with _lock:
+        env = environment_key(dev)
+        path = cache_path()
+        decision = _cached_decision(path, env, op, key_json)
+        considered = set(decision.timings) | set(decision.errors) if decision is not None else set()
+        if decision is not None and decision.choice in candidates and set(candidates) <= considered:
+            _memo[memo_key] = (decision.choice, frozenset(considered))
+            return decision.choice
+        if not timing_allowed():
+            # Not now; a cached decision over another candidate set is still better than nothing.
+            if decision is not None and decision.choice in candidates:
+                return decision.choice
+            return default
+        decision = _measure(op, key_json, env, candidates, dev)
+        _decisions[(env, op, key_json)] = decision
+        _memo[memo_key] = (decision.choice, frozenset(decision.timings) | frozenset(decision.errors))
+        _persist(path, decision)
+        return decision.choice
+
+
+def lookup(op: str, key: tuple, *, device: torch.device | str | None = None) -> Decision | None:
+    """The decision for ``(op, key, device)`` -- in memory or in the tuning cache -- or None."""
+    dev = _resolve_device(device)
+    with _lock:
+        return _cached_decision(cache_path(), environment_key(dev), op, _key_json(key))
+
+
+def decisions() -> list[Decision]:
+    """Every decision this process has measured or read from the cache so far."""
+    with _lock:
+        return list(_decisions.values())
+
+
+@contextlib.contextmanager
+def record() -> Iterator[list]:
+    """Collect every ``(op, key, device)`` passed to :func:`select` inside the block (used by ``tune``)."""
+    log: list = []
+    with _lock:
+        _recorders.append(log)
+    try:
+        yield log
+    finally:
+        with _lock:
+            _recorders.remove(log)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A weak per-tensor cache for derived representations (a dense copy, a cuSPARSELt tensor)
+
+_derived = None  # torch.utils.weak.WeakIdKeyDictionary, created on first use
+
+
+def _version_of(t: torch.Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter (and cannot be modified in place)
+        return None
+
+
+def cached(owner: torch.Tensor, kind: str, build: Callable[[], object]) -> object:
+    """A value derived from ``owner`` (built once by ``build()``), kept while ``owner`` lives.
+
+    The entry is rebuilt when ``owner`` is modified in place (its version counter changes, e.g. by
+    ``load_state_dict`` without ``assign``) and dies with ``owner``. ``build()`` must not return an
+    object that keeps a reference to ``owner`` (a view of it), or the entry would never be freed.
+
+    Args:
+        owner: the tensor the value is derived from (e.g. ``weight_values``).
+        kind: a name for the representation, e.g. ``"dense"`` or ``"cusparselt"``.
+        build: zero-argument callable that builds the value.
+
+    Raises:
+        TypeError: ``owner`` not a tensor, ``kind`` not a str, or ``build`` not callable.
+    """
+    global _derived
+    if not isinstance(owner, torch.Tensor):
+        raise TypeError(f"cached(): expected owner to be a torch.Tensor, got {type(owner).__name__}")
+    if not isinstance(kind, str):
+        raise TypeError(f"cached(): expected kind to be a str, got {type(kind).__name__}")
+    if not callable(build):
+        raise TypeError(f"cached(): expected build to be callable, got {type(build).__name__}")
+    version = _version_of(owner)
+    with _lock:
+        if _derived is None:
+            from torch.utils.weak import WeakIdKeyDictionary
+
+            _derived = WeakIdKeyDictionary()
+        entries = _derived.get(owner)
+        if entries is None:
+            entries = {}
+            _derived[owner] = entries
+        hit = entries.get(kind)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        entries[kind] = (version, value)
+        return value
+
+
+def _cached_entries(owner: torch.Tensor) -> dict:
+    """Internal, for tests: the kinds currently cached for ``owner``."""
+    with _lock:
+        if _derived is None:
+            return {}
+        return dict(_derived.get(owner) or {})

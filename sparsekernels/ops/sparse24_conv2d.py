@@ -1,0 +1,480 @@
+"""2:4 sparse Conv2d as an implicit GEMM over channels-last activations.
+
+The weight ``[out, in, kh, kw]`` is viewed as ``[out, kh * kw * in]`` in channels-last order
+(``weight.permute(0, 2, 3, 1).reshape(out, -1)``) and compressed with
+:func:`sparsekernels.formats.sparse24.compress_24`, so each group of 4 runs along input channels at one
+kernel position (``in`` must be a multiple of 4). The convolution is then a GEMM
+``out[pixel, o] = sum_k im2col(x)[pixel, k] * W[o, k]`` whose A operand is gathered on the fly from the
+channels-last input (never materialised) and whose B operand is expanded from the 2:4 values and
+metadata tile by tile in registers.
+
+One file, as every op: the Triton kernel, its launcher, the ``sparsekernels::sparse24_conv2d`` custom op
+with a fake implementation, a pure-PyTorch reference (explicit im2col + GEMM), and the public function.
+
+Output memory format: channels-last when ``x`` is channels-last (and not also NCHW-contiguous), else
+contiguous NCHW -- the rule ``nn.Conv2d`` follows, for every backend.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from ..formats.sparse24 import Sparse24Weight, unpack_indices
+from ._backend import interpreter_enabled, resolve_backend
+
+__all__ = ["sparse24_conv2d", "sparse24_conv2d_reference", "conv_weight_to_2d", "conv_weight_from_2d"]
+
+OP_NAME = "sparsekernels::sparse24_conv2d"
+
+IntPair = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight layout helpers
+# --------------------------------------------------------------------------------------------------
+def conv_weight_to_2d(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in, kh, kw]`` -> ``[out, kh * kw * in]`` (channels-last order, groups along ``in``)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def conv_weight_from_2d(weight2d: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`conv_weight_to_2d`: ``[out, kh * kw * in]`` -> contiguous ``[out, in, kh, kw]``."""
+    kh, kw = kernel_size
+    # clone(contiguous_format), not .contiguous(): a permuted 1x1 weight already counts as contiguous but
+    # keeps channels-last strides, which would make F.conv2d pick (and return) channels-last.
+    return weight2d.reshape(weight2d.shape[0], kh, kw, in_channels).permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format
+    )
+
+
+def _dense_conv_weight(values, meta, in_channels: int, kernel_size) -> torch.Tensor:
+    n, k = values.shape[0], values.shape[1] * 2
+    return conv_weight_from_2d(Sparse24Weight(values, meta, (n, k)).to_dense(), in_channels, kernel_size)
+
+
+_DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+
+def _cached_dense_conv_weight(values, meta, in_channels: int, kernel_size) -> torch.Tensor:
+    """The dense conv weight for ``values``/``meta``, expanded once and kept while ``values`` lives.
+
+    Keyed by the identity of ``values``; rebuilt when either tensor is modified in place (``_version``)
+    or re-pointed (``data_ptr``, e.g. ``module.to()`` assigning ``.data``). Kept in a side table, not on
+    the tensor, so ``torch.save`` never pickles the dense copy.
+    """
+    try:
+        stamp = (values.data_ptr(), values._version, meta.data_ptr(), meta._version, values.dtype, values.device,
+                 in_channels, tuple(kernel_size))
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        return _dense_conv_weight(values, meta, in_channels, kernel_size)
+    key = id(values)
+    hit = _DENSE_CACHE.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    with torch.no_grad():
+        dense = _dense_conv_weight(values.detach(), meta, in_channels, kernel_size)
+    if hit is None:
+        weakref.finalize(values, _DENSE_CACHE.pop, key, None)
+    _DENSE_CACHE[key] = (stamp, dense)
+    return dense
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _output_format(x: torch.Tensor) -> torch.memory_format:
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel (triton is imported lazily: only when a kernel is launched)
+# --------------------------------------------------------------------------------------------------
+_KERNEL = None
+
+
+def _autotune_configs():
+    """GPU configs over (BLOCK_M pixels, BLOCK_N out channels, BLOCK_K in channels per step)."""
+    import triton
+
+    shapes = (
+        (64, 64, 32, 4, 3),
+        (128, 64, 32, 4, 3),
+        (64, 128, 32, 4, 3),
+        (128, 128, 32, 8, 3),
+        (128, 64, 64, 4, 3),
+        (64, 64, 64, 4, 4),
+        (32, 64, 64, 4, 4),
+        (32, 32, 32, 2, 4),
+    )
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+def _interpreter_config():
+    """One fixed config: autotuning needs a GPU driver, the interpreter has none."""
+    import triton
+
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+
+
+def _get_kernel():
+    global _KERNEL
+    if _KERNEL is not None:
+        return _KERNEL
+    import triton
+    import triton.language as tl
+
+    configs = _interpreter_config() if interpreter_enabled() else _autotune_configs()
+
+    @triton.autotune(configs=configs, key=["M_BUCKET", "N", "C", "H", "W", "KH", "KW", "IS_GEMM", "HAS_BIAS"])
+    @triton.jit
+    def _sparse24_conv2d_kernel(
+        x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr,
+        M, N, C, H, W, OH, OW, M_BUCKET,
+        stride_xb, stride_xh, stride_xw, stride_xc,
+        stride_ob, stride_oh, stride_ow, stride_on,
+        stride_vn, stride_mn,
+        SH, SW, PH, PW, DH, DW,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        IS_GEMM: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_c = tl.arange(0, BLOCK_K)
+        m_mask = offs_m < M
+        n_mask = offs_n < N
+        # output pixel -> (batch, oh, ow)
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        b = offs_m // (OW * OH)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        vals_rows = vals_ptr + offs_n[None, :] * stride_vn
+        meta_rows = meta_ptr + offs_n[None, :] * stride_mn
+        for r in tl.static_range(KH):
+            for s in tl.static_range(KW):
+                if IS_GEMM:
+                    # 1x1, stride 1, no padding on a channels-last contiguous input: a plain GEMM whose
+                    # rows are pixels, so no window arithmetic and no bounds beyond M.
+                    # (pixel stride is C: strides of size-1 dims may be anything, so not stride_xw)
+                    x_rows = x_ptr + offs_m.to(tl.int64) * C
+                    pix_ok = m_mask
+                else:
+                    ih = oh * SH - PH + r * DH
+                    iw = ow * SW - PW + s * DW
+                    pix_ok = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    x_rows = x_ptr + b.to(tl.int64) * stride_xb + ih * stride_xh + iw * stride_xw
+                k_base = (r * KW + s) * C
+                for c0 in range(0, C, BLOCK_K):
+                    c = c0 + offs_c
+                    c_ok = c < C
+                    a = tl.load(
+                        x_rows[:, None] + c[None, :] * stride_xc,
+                        mask=pix_ok[:, None] & c_ok[None, :],
+                        other=0.0,
+                    )
+                    # Expand the 2:4 weight tile [BLOCK_K, BLOCK_N]: dense column k of group g = k // 4
+                    # holds value 2g if its in-group position is the first stored one, 2g + 1 if it is the
+                    # second, else zero (compress_24 always stores two distinct positions).
+                    k = k_base + c
+                    g = k // 4
+                    w_mask = c_ok[:, None] & n_mask[None, :]
+                    v0 = tl.load(vals_rows + (2 * g)[:, None], mask=w_mask, other=0.0)
+                    v1 = tl.load(vals_rows + (2 * g + 1)[:, None], mask=w_mask, other=0.0)
+                    byte = tl.load(meta_rows + (g // 2)[:, None], mask=w_mask, other=0).to(tl.int32)
+                    nibble = (byte >> ((g % 2) * 4)[:, None]) & 0xF
+                    pos = (k % 4)[:, None]
+                    w = tl.where(pos == (nibble & 0x3), v0, tl.where(pos == (nibble >> 2), v1, 0.0))
+                    acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out_rows = out_ptr + b.to(tl.int64) * stride_ob + oh * stride_oh + ow * stride_ow
+        tl.store(
+            out_rows[:, None] + offs_n[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_mask[:, None] & n_mask[None, :],
+        )
+
+    _KERNEL = _sparse24_conv2d_kernel
+    return _KERNEL
+
+
+def _new_output(shape, dtype, device, memory_format) -> torch.Tensor:
+    """The kernel's output buffer, uninitialised (tests replace this to poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+
+
+def _m_bucket(m: int) -> int:
+    """Autotune key for the pixel count: powers of two, so each bucket is tuned once."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size) -> torch.Tensor:
+    import triton
+
+    bsz, c, h, w = x.shape
+    n = values.shape[0]
+    kh, kw = kernel_size
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    oh, ow = _out_size(h, kh, sh, ph, dh), _out_size(w, kw, sw, pw, dw)
+    out = _new_output((bsz, n, oh, ow), x.dtype, x.device, _output_format(x))
+    m = bsz * oh * ow
+    if m == 0:
+        return out
+    # Channels-last activations: consecutive input channels are contiguous, so the A tile's K axis
+    # is coalesced.
+    x = x.contiguous(memory_format=torch.channels_last)
+    values, meta = values.contiguous(), meta.contiguous()
+    is_gemm = (kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (ph, pw) == (0, 0)
+    kernel = _get_kernel()
+    grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
+    kernel[grid](
+        x, values, meta, bias if bias is not None else values, out,
+        m, n, c, h, w, oh, ow, _m_bucket(m),
+        x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+        out.stride(0), out.stride(2), out.stride(3), out.stride(1),
+        values.stride(0), meta.stride(0),
+        sh, sw, ph, pw, dh, dw,
+        KH=kh,
+        KW=kw,
+        IS_GEMM=is_gemm,
+        HAS_BIAS=bias is not None,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference (pure PyTorch): explicit channels-last im2col, then a GEMM with the expanded 2:4 weight
+# --------------------------------------------------------------------------------------------------
+def _reference(x, values, meta, bias, stride, padding, dilation, kernel_size) -> torch.Tensor:
+    bsz, c, h, w = x.shape
+    n, k = values.shape[0], values.shape[1] * 2
+    kh, kw = kernel_size
+    oh = _out_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kw, stride[1], padding[1], dilation[1])
+    # unfold gives [B, C * kh * kw, L] ordered (c, r, s); the 2:4 weight is ordered (r, s, c).
+    cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    cols = cols.reshape(bsz, c, kh * kw, oh * ow).permute(0, 3, 2, 1).reshape(bsz * oh * ow, k)
+    # Expand the 2:4 weight by scattering values to their positions (same as Sparse24Weight.to_dense).
+    pos = unpack_indices(meta, k // 4)
+    idx = (torch.arange(0, k, 4, device=meta.device).view(1, -1, 1) + pos).reshape(n, k // 2)
+    dense = torch.zeros(n, k, dtype=values.dtype, device=values.device).scatter_(1, idx, values)
+    out = cols @ dense.t()
+    if bias is not None:
+        out = out + bias
+    out = out.reshape(bsz, oh, ow, n).permute(0, 3, 1, 2)
+    return out.contiguous(memory_format=_output_format(x))
+
+
+def _dense(x, weight4d, bias, stride, padding, dilation) -> torch.Tensor:
+    out = F.conv2d(x, weight4d, bias, stride, padding, dilation)
+    return out.contiguous(memory_format=_output_format(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom op
+# --------------------------------------------------------------------------------------------------
+def _dispatch_key(x, n, stride, padding, dilation, kernel_size, has_bias) -> tuple:
+    bsz, c, h, w = x.shape
+    fmt = "channels_last" if _output_format(x) == torch.channels_last else "contiguous"
+    # batch bucketed to powers of two: a decision measured at B=3 serves B=3..4
+    return (_m_bucket(bsz), c, h, w, n, *kernel_size, *stride, *padding, *dilation, fmt, str(x.dtype), has_bias)
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def _sparse24_conv2d_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    kernel_size: Sequence[int],
+    backend: str,
+) -> torch.Tensor:
+    stride, padding, dilation, kernel_size = tuple(stride), tuple(padding), tuple(dilation), tuple(kernel_size)
+    c = x.shape[1]
+    choice = resolve_backend("sparse24_conv2d()", backend, x.device)
+    if choice == "cusparselt":
+        raise RuntimeError("sparse24_conv2d(): backend 'cusparselt' supports Linear layers only; use 'triton' or 'dense'")
+    if choice == "auto" and x.device.type == "cuda":
+        from . import dispatch
+
+        weight = lambda: dispatch.cached(  # noqa: E731
+            values, "conv_dense", lambda: _dense_conv_weight(values, meta, c, kernel_size)
+        )
+        candidates = {
+            "triton": lambda: _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size),
+            "dense": lambda: _dense(x, weight(), bias, stride, padding, dilation),
+        }
+        choice = dispatch.select(
+            "sparse24_conv2d", _dispatch_key(x, values.shape[0], stride, padding, dilation, kernel_size, bias is not None),
+            candidates, default="dense", device=x.device,
+        )
+        return candidates[choice]()
+    if choice == "auto":
+        # CPU: dense conv (oneDNN) on a dense copy cached on the values tensor. Neither the reference
+        # (im2col + GEMM) nor a per-call expansion can match nn.Conv2d; the cached copy is within noise
+        # of it (benchmarks/results/sparse24_conv2d_cpu_auto.md).
+        return _dense(x, _cached_dense_conv_weight(values, meta, c, kernel_size), bias, stride, padding, dilation)
+    if choice == "triton":
+        return _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size)
+    if choice == "reference":
+        return _reference(x, values, meta, bias, stride, padding, dilation, kernel_size)
+    return _dense(x, _dense_conv_weight(values, meta, c, kernel_size), bias, stride, padding, dilation)
+
+
+@_sparse24_conv2d_op.register_fake
+def _(x, values, meta, bias, stride, padding, dilation, kernel_size, backend):
+    bsz, _, h, w = x.shape
+    oh = _out_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
+    ow = _out_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
+    return torch.empty(
+        (bsz, values.shape[0], oh, ow), dtype=x.dtype, device=x.device, memory_format=_output_format(x)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------------
+def _pair(fn: str, name: str, v, minimum: int) -> tuple[int, int]:
+    if isinstance(v, bool) or not isinstance(v, (int, Sequence)) or isinstance(v, str):
+        raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints, got {v!r}")
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
+        raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{fn}: expected {name} >= {minimum}, got {v!r}")
+    return pair
+
+
+def _check_inputs(fn, x, w24, bias, stride, padding, dilation, kernel_size):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{fn}: expected x to be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(w24, Sparse24Weight):
+        raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{fn}: expected x of shape [B, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
+    stride = _pair(fn, "stride", stride, 1)
+    padding = _pair(fn, "padding", padding, 0)
+    dilation = _pair(fn, "dilation", dilation, 1)
+    n, k = w24.shape
+    c = x.shape[1]
+    if c == 0 or c % 4 != 0 or k % c != 0:
+        raise ValueError(
+            f"{fn}: expected x's channel count C to be a multiple of 4 that divides the weight's "
+            f"kh * kw * in = {k}, got C={c}"
+        )
+    taps = k // c
+    if kernel_size is None:
+        side = math.isqrt(taps)
+        if side * side != taps:
+            raise ValueError(
+                f"{fn}: the weight has kh * kw = {taps} kernel positions, which is not a square; pass kernel_size=(kh, kw)"
+            )
+        kernel_size = (side, side)
+    else:
+        kernel_size = _pair(fn, "kernel_size", kernel_size, 1)
+        if kernel_size[0] * kernel_size[1] != taps:
+            raise ValueError(
+                f"{fn}: expected kernel_size with kh * kw = {taps} (weight {w24.shape} over C={c}), got {kernel_size}"
+            )
+    if x.dtype != w24.dtype:
+        raise TypeError(f"{fn}: expected x of the weight's dtype {w24.dtype}, got {x.dtype}")
+    if x.device != w24.device:
+        raise ValueError(f"{fn}: expected x on the weight's device {w24.device}, got {x.device}")
+    for axis, size in ((0, x.shape[2]), (1, x.shape[3])):
+        if _out_size(size, kernel_size[axis], stride[axis], padding[axis], dilation[axis]) < 1:
+            raise ValueError(
+                f"{fn}: input {tuple(x.shape[2:])} is smaller than the dilated kernel {kernel_size} "
+                f"(padding {padding}, dilation {dilation}): the output would be empty"
+            )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"{fn}: expected bias to be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (n,):
+            raise ValueError(f"{fn}: expected bias of shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(f"{fn}: expected bias {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    return stride, padding, dilation, kernel_size
+
+
+def sparse24_conv2d_reference(
+    x: torch.Tensor,
+    w24: Sparse24Weight,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    kernel_size: Optional[IntPair] = None,
+) -> torch.Tensor:
+    """Pure-PyTorch 2:4 Conv2d: channels-last im2col (``F.unfold``) times the expanded weight.
+
+    Same arguments and result as :func:`sparse24_conv2d`; computes in ``x``'s dtype (pass float64
+    tensors, e.g. ``w24.to(torch.float64)``, for a float64 reference).
+    """
+    stride, padding, dilation, kernel_size = _check_inputs(
+        "sparse24_conv2d_reference()", x, w24, bias, stride, padding, dilation, kernel_size
+    )
+    return _reference(x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size)
+
+
+def sparse24_conv2d(
+    x: torch.Tensor,
+    w24: Sparse24Weight,
+    bias: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+    *,
+    backend: str = "auto",
+    kernel_size: Optional[IntPair] = None,
+) -> torch.Tensor:
+    """2-D convolution (groups = 1, zero padding) with a 2:4-compressed weight.
+
+    Args:
+        x: ``[B, C, H, W]`` float16 / bfloat16 / float32 in any memory format; the weight's dtype and
+            device. ``C`` a multiple of 4.
+        w24: ``compress_24(conv_weight_to_2d(weight))`` for a ``[out, C, kh, kw]`` weight whose every
+            group of 4 consecutive input channels at each kernel position has at most 2 non-zeros.
+        bias: optional ``[out]``, same dtype and device as ``x``.
+        stride, padding, dilation: ints or pairs, as in ``F.conv2d`` (numeric padding only).
+        backend: ``"auto"`` (GPU: the dispatcher measures Triton vs cuDNN on a cached dense copy once per
+            shape; CPU: ``F.conv2d`` on a dense copy cached on ``w24.values``), ``"triton"``,
+            ``"reference"`` or ``"dense"`` (expand, then ``F.conv2d``). ``SPARSEKERNELS_BACKEND`` overrides it.
+        kernel_size: ``(kh, kw)``; needed only when ``kh * kw`` is not a square number's square kernel
+            (e.g. 1x3); by default ``kh = kw = sqrt(in_features / C)``.
+
+    Returns:
+        ``[B, out, OH, OW]`` of ``x``'s dtype; channels-last memory format when ``x`` is channels-last,
+        else contiguous.
+
+    Raises:
+        TypeError: wrong argument types or dtypes.
+        ValueError: wrong shapes, channel count, kernel size, devices, an empty output, unknown backend.
+        RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``; ``"cusparselt"``.
+    """
+    stride, padding, dilation, kernel_size = _check_inputs(
+        "sparse24_conv2d()", x, w24, bias, stride, padding, dilation, kernel_size
+    )
+    return _sparse24_conv2d_op(x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size, backend)

@@ -1,0 +1,147 @@
+"""Swapped models under torch.compile(fullgraph=True), torch.export, and (on a GPU) CUDA graphs.
+
+On the CPU, torch.compile runs with the cheap "eager" / "aot_eager" backends: they trace the whole
+graph (fullgraph=True fails on any graph break) and, for aot_eager, run the ops' fake
+implementations, which is what matters here; inductor code generation is not under test."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekernels as sk
+from test_swap import encoder_masked, mask_model_24, randomize_bn
+from tolerances import assert_close_rel
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class ConvNet(nn.Module):
+    """Conv (3x3, stride 2, padding) -> BN -> ReLU -> 1x1 conv -> pool -> Linear -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 12, 1)
+        self.fc1 = nn.Linear(12, 20)
+        self.fc2 = nn.Linear(20, 5, bias=False)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv1(x)))
+        h = self.conv2(h).mean(dim=(2, 3))
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+def convnet_masked():
+    model = ConvNet()
+    randomize_bn(model)
+    return mask_model_24(model).eval()
+
+
+def test_resnet18_compile_fullgraph():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    randomize_bn(model)
+    mask_model_24(model).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        out = compiled(x)
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_convnet_compile_aot_eager():
+    model = convnet_masked()
+    x = torch.randn(3, 8, 11, 9)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(x)
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_transformer_encoder_compile_fullgraph():
+    model = encoder_masked()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(x)
+    assert_close_rel(out, ref, torch.float32)
+
+
+def test_export_swapped_model():
+    model = convnet_masked()
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    exported = torch.export.export(model, (x,))
+    graph = str(exported.graph)
+    assert "sparsekernels.sparse24_linear" in graph and "sparsekernels.sparse24_conv2d" in graph
+    with torch.no_grad():
+        out = exported.module()(x)
+    assert_close_rel(out, ref, torch.float32)
+    # the exported program carries the compressed state, not a dense weight
+    assert "fc1.weight_values" in exported.state_dict and "fc1.weight" not in exported.state_dict
+
+
+def test_export_transformer_encoder():
+    model = encoder_masked()
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert_close_rel(exported.module()(x), ref, torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_graph_capture(dtype, tmp_path, monkeypatch):
+    from sparsekernels.ops import dispatch
+
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    dispatch.reset()
+    model = convnet_masked().to("cuda", dtype)
+    x = torch.randn(4, 8, 16, 16, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    static_x = x.clone()
+    with torch.no_grad():
+        sk.tune(model, static_x, progress=False)  # decisions measured before capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = model(static_x)
+        new_x = torch.randn_like(x)
+        static_x.copy_(new_x)
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = copy.deepcopy(model)
+        sk.densify(expected)
+        assert_close_rel(static_out, expected(new_x), dtype, factor=2.0)
+    dispatch.reset()

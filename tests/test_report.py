@@ -1,0 +1,229 @@
+"""Report writers (JSON + Markdown + PNG), the README generator and the GPU suite's planning and file count."""
+import json
+import math
+
+import pytest
+import torch
+
+from sparsekernels.bench.report import (
+    SCHEMA,
+    Column,
+    format_value,
+    markdown_table,
+    plot_lines,
+    read_report,
+    results_dir,
+    write_report,
+)
+
+COLS = (("name", "model"), ("ms", "latency (ms)", ".2f"), Column("n", "count", ",d"))
+
+
+def test_write_report_round_trip(tmp_path):
+    rows = [{"name": "dense", "ms": 1.23456, "n": 12345, "extra": [1, 2]}, {"name": "a|b", "ms": float("nan"), "n": None}]
+    files = write_report("demo_x", rows, COLS, out_dir=tmp_path / "cpu", device="cpu", title="T", notes="why",
+                         meta={"dtype": torch.float16})
+    data = read_report(files.json)
+    assert data["schema"] == SCHEMA and data["name"] == "demo_x" and data["title"] == "T"
+    assert data["rows"][0]["extra"] == [1, 2]           # every row key kept, not only the shown columns
+    assert data["rows"][1]["ms"] is None                 # NaN written as null (valid JSON)
+    assert data["meta"]["dtype"] == "torch.float16"
+    env = data["environment"]
+    assert env["device_type"] == "cpu" and env["torch"] == torch.__version__ and "date" in env
+    md = files.markdown.read_text()
+    assert md.startswith("# T\n") and "device: CPU" in md
+    assert "| dense | 1.23 | 12,345 |" in md
+    assert "| a\\|b | – | – |" in md                     # pipes escaped, missing values shown as a dash
+    assert "why" in md
+
+
+def test_markdown_table_and_formats():
+    table = markdown_table([{"a": 1.0, "b": True}], [("a", "A", ".1f"), ("b", "B")])
+    assert table.splitlines() == ["| A | B |", "|---|---|", "| 1.0 | yes |"]
+    assert format_value(3.0, ",d") == "3"               # an int format given a float still formats
+    assert format_value(float("inf"), ".2f") == "inf"
+    assert format_value(None) == "–"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", "a b"])
+def test_write_report_rejects_bad_names(tmp_path, name):
+    with pytest.raises(ValueError, match="file stem"):
+        write_report(name, [], COLS, out_dir=tmp_path)
+
+
+def test_write_report_rejects_bad_columns(tmp_path):
+    with pytest.raises(ValueError, match="at least one column"):
+        write_report("x", [], (), out_dir=tmp_path)
+    with pytest.raises(TypeError, match="Column"):
+        write_report("x", [], [42], out_dir=tmp_path)
+
+
+def test_read_report_rejects_other_json(tmp_path):
+    p = tmp_path / "other.json"
+    p.write_text(json.dumps({"rows": []}))
+    with pytest.raises(ValueError, match="schema"):
+        read_report(p)
+
+
+def test_results_dir_uses_device_slug(tmp_path):
+    assert results_dir("cpu", tmp_path) == tmp_path / "cpu"
+    assert results_dir("cpu").name == "cpu" and results_dir("cpu").parent.name == "results"
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_plot_lines_writes_png(tmp_path):
+    p = plot_lines(tmp_path / "sub" / "p.png", {"dense": [(1, 2.0), (16, 2.5)], "2:4": [(1, 1.1), (16, None)]},
+                   title="t", xlabel="tokens", ylabel="ms", logx=True, hline=1.0, hline_label="dense")
+    w, h = _png_size(p)
+    assert w > 300 and h > 200
+
+
+def test_plot_lines_needs_a_point(tmp_path):
+    with pytest.raises(ValueError, match="finite point"):
+        plot_lines(tmp_path / "p.png", {"a": [(1, None), (2, math.nan)]}, title="t", xlabel="x", ylabel="y")
+
+
+# ------------------------------------------------------------------------------------------ README generator
+
+
+def _readme(tmp_path, body="old"):
+    p = tmp_path / "README.md"
+    p.write_text(f"# x\n\nintro\n\n<!-- results:start -->\n{body}\n<!-- results:end -->\n\ntail\n")
+    return p
+
+
+def test_readme_section_matches_files(tmp_path):
+    from sparsekernels.app.readme import update_readme
+
+    readme = _readme(tmp_path)
+    root = tmp_path / "benchmarks" / "results"
+    write_report("demo", [{"name": "dense", "ms": 2.5, "n": 3}], COLS, out_dir=root / "cpu", title="Demo table")
+    (root / "cpu" / "legacy.json").write_text(json.dumps({"rows": []}))
+    assert update_readme(readme, root) is True
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n") and text.endswith("<!-- results:end -->\n\ntail\n")
+    assert "old" not in text
+    assert "#### Demo table" in text and "Source: `benchmarks/results/cpu/demo.json`" in text
+    assert "| dense | 2.50 | 3 |" in text
+    assert "[`legacy.json`](benchmarks/results/cpu/legacy.json)" in text
+    # idempotent, and --check sees it is current
+    assert update_readme(readme, root) is False
+    assert update_readme(readme, root, check=True) is False
+    write_report("demo", [{"name": "dense", "ms": 9.0, "n": 3}], COLS, out_dir=root / "cpu", title="Demo table")
+    assert update_readme(readme, root, check=True) is True
+    assert "| dense | 2.50 | 3 |" in readme.read_text()  # check mode does not write
+
+
+def test_readme_without_markers_is_an_error(tmp_path):
+    from sparsekernels.app.readme import update_readme
+
+    p = tmp_path / "README.md"
+    p.write_text("# nothing\n<!-- results:end -->\n<!-- results:start -->\n")
+    with pytest.raises(ValueError, match="results:start"):
+        update_readme(p, tmp_path)
+
+
+def test_readme_main_check_exit_codes(tmp_path, capsys):
+    from sparsekernels.app.readme import main
+
+    readme = _readme(tmp_path)
+    root = tmp_path / "res"
+    assert main(["--readme", str(readme), "--results", str(root), "--check"]) == 1
+    assert main(["--readme", str(readme), "--results", str(root)]) == 0
+    assert main(["--readme", str(readme), "--results", str(root), "--check"]) == 0
+    assert "(no results yet)" in readme.read_text()
+
+
+# ------------------------------------------------------------------------------------------------ GPU suite
+
+
+def _fake_step(name, planned, rows, clock, cost):
+    from sparsekernels.app.gpu_suite import GpuStep, StepOutput
+
+    def run(device, progress):
+        clock.t += cost
+        section = {"name": name, "title": name.upper(), "rows": rows, "columns": [("x", "x"), ("y", "y", ".1f")]}
+        spec = dict(series={name: [(r["x"], r["y"]) for r in rows]}, title=name, xlabel="x", ylabel="y")
+        return StepOutput((section,), ((f"gpu_{name}", spec),))
+
+    return GpuStep(name, planned, run)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_plan_next():
+    from sparsekernels.app.gpu_suite import GpuStep, plan_next
+
+    step = GpuStep("s", 100.0, lambda d, p: None)
+    assert plan_next(step, 0.0, 200.0) is None
+    reason = plan_next(step, 100.0, 200.0)
+    assert reason.startswith("skipped") and "100 s of the 200 s budget left" in reason
+
+
+def test_gpu_suite_respects_budget_and_file_limit(tmp_path):
+    from sparsekernels.app.gpu_suite import MAX_FILES, run_gpu_suite
+
+    clock = _Clock()
+    rows = [{"x": 1, "y": 2.0}, {"x": 2, "y": 3.0}]
+    steps = [_fake_step(f"s{i}", 10.0, rows, clock, cost=30.0) for i in range(12)]
+
+    def broken(device, progress):
+        raise RuntimeError("kernel exploded")
+
+    from sparsekernels.app.gpu_suite import GpuStep
+
+    steps.insert(1, GpuStep("broken", 1.0, broken))
+    out = tmp_path / "gpu"
+    result = run_gpu_suite(out, device="cpu", budget_s=100.0, steps=steps, progress=False, stream=open("/dev/null", "w"),
+                           clock=clock)
+    # s0 (t=30), broken, s1 (60), s2 (90); s3 would need 11.5 s with 10 left -> skipped, like every later one
+    assert list(result.ran) == ["s0", "s1", "s2"]
+    assert result.skipped["broken"].startswith("failed: RuntimeError: kernel exploded")
+    assert all(result.skipped[f"s{i}"].startswith("skipped") for i in range(3, 12))
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) <= MAX_FILES and all((out / f).is_file() for f in files)  # flat, bounded
+    assert {"gpu_suite.json", "gpu_suite.md"} <= set(files)
+    doc = json.loads((out / "gpu_suite.json").read_text())
+    assert [s["name"] for s in doc["sections"]] == ["s0", "s1", "s2"]
+    assert doc["sections"][0]["rows"] == rows and doc["budget_s"] == 100.0
+    md = (out / "gpu_suite.md").read_text()
+    assert "## S0" in md and "kernel exploded" in md
+
+
+def test_gpu_suite_rejects_bad_budget(tmp_path):
+    from sparsekernels.app.gpu_suite import run_gpu_suite
+
+    with pytest.raises(ValueError, match="budget_s > 0"):
+        run_gpu_suite(tmp_path, device="cpu", budget_s=0, steps=[])
+
+
+def test_default_gpu_plan_fits_nine_minutes():
+    from sparsekernels.app.gpu_suite import default_steps
+
+    steps = default_steps()
+    assert [s.name for s in steps][:2] == ["kernels", "llama"]
+    assert sum(1.15 * s.planned_s for s in steps) <= 540.0
+
+
+def test_readme_renders_gpu_suite_sections(tmp_path):
+    from sparsekernels.app.gpu_suite import run_gpu_suite
+    from sparsekernels.app.readme import render_results_section
+
+    clock = _Clock()
+    out = tmp_path / "benchmarks" / "results" / "nvidia-h100"
+    run_gpu_suite(out, device="cpu", budget_s=50.0, steps=[_fake_step("k", 1.0, [{"x": 1, "y": 1.5}], clock, 1.0),
+                                                             _fake_step("late", 100.0, [], clock, 1.0)],
+                  progress=False, stream=open("/dev/null", "w"), clock=clock)
+    text = render_results_section(tmp_path / "benchmarks" / "results", tmp_path)
+    assert "#### K" in text and "| 1 | 1.5 |" in text and "Not run: late: skipped" in text

@@ -1,0 +1,150 @@
+"""SparseLinear: conversion both ways, equivalence with the masked dense layer, state_dict, meta-device
+build + load_state_dict(assign=True), the CPU path, and errors."""
+import pytest
+import torch
+from torch import nn
+
+from sparsekernels.nn.linear import SparseLinear
+from tolerances import assert_close_rel
+
+
+def masked_linear(in_f: int, out_f: int, bias=True, dtype=torch.float32) -> nn.Linear:
+    lin = nn.Linear(in_f, out_f, bias=bias, dtype=dtype)
+    keep = torch.rand(out_f, in_f // 4, 4).argsort(-1) < 2
+    with torch.no_grad():
+        lin.weight.mul_(keep.reshape(out_f, in_f).to(dtype))
+    return lin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_from_dense_to_dense_round_trip(dtype, bias):
+    lin = masked_linear(36, 23, bias=bias, dtype=dtype)
+    sl = SparseLinear.from_dense(lin)
+    assert sl.weight_values.dtype == dtype and not sl.weight_values.requires_grad
+    back = sl.to_dense()
+    assert isinstance(back, nn.Linear) and back.weight.dtype == dtype and back.weight.device == lin.weight.device
+    assert torch.equal(back.weight, lin.weight)
+    if bias:
+        assert torch.equal(back.bias, lin.bias)
+    else:
+        assert back.bias is None
+    assert torch.equal(sl.weight24.to_dense(), lin.weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_equals_masked_dense_layer(dtype):
+    lin = masked_linear(52, 30, dtype=dtype)
+    sl = SparseLinear.from_dense(lin)
+    x = torch.randn(2, 5, 52).to(dtype)
+    with torch.no_grad():
+        ref = nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert_close_rel(sl(x), ref, dtype)
+        assert_close_rel(lin(x), ref, dtype)
+
+
+@pytest.mark.interpreter
+def test_triton_backend_module(kernel_device):
+    lin = masked_linear(40, 19).to(kernel_device)
+    sl = SparseLinear.from_dense(lin, backend="triton")
+    x = torch.randn(3, 40, device=kernel_device)
+    with torch.no_grad():
+        assert_close_rel(sl(x), nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double()), torch.float32)
+
+
+def test_state_dict_keys_shapes_and_nothing_else():
+    sl = SparseLinear.from_dense(masked_linear(20, 7))
+    sl(torch.randn(2, 20))  # populates the CPU cache, which must not enter the state_dict
+    state = sl.state_dict()
+    assert set(state) == {"weight_values", "weight_meta", "bias"}
+    assert state["weight_values"].shape == (7, 10)
+    assert state["weight_meta"].shape == (7, 3) and state["weight_meta"].dtype == torch.uint8
+    assert state["bias"].shape == (7,)
+    assert set(SparseLinear.from_dense(masked_linear(20, 7, bias=False)).state_dict()) == {"weight_values", "weight_meta"}
+
+
+def test_meta_device_build_then_load_assign():
+    src = SparseLinear.from_dense(masked_linear(44, 13))
+    with torch.device("meta"):
+        model = nn.Sequential(SparseLinear(44, 13), nn.ReLU())
+    assert model[0].weight_values.device.type == "meta"
+    model.load_state_dict({f"0.{k}": v for k, v in src.state_dict().items()}, assign=True)
+    assert model[0].weight_values.device.type == "cpu" and not model[0].weight_values.requires_grad
+    assert isinstance(model[0].weight_values, nn.Parameter)
+    x = torch.randn(4, 44)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), torch.relu(src(x)), rtol=0, atol=0)
+
+
+def test_fresh_layer_is_a_valid_zero_layer():
+    sl = SparseLinear(16, 5, dtype=torch.float16)
+    assert torch.equal(sl.weight24.to_dense(), torch.zeros(5, 16, dtype=torch.float16))
+    assert sl.weight_meta.shape == (5, 2) and sl.bias.shape == (5,)
+
+
+def test_cpu_cache_follows_load_state_dict():
+    a, b = SparseLinear.from_dense(masked_linear(24, 6)), SparseLinear.from_dense(masked_linear(24, 6))
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        a(x)  # cache a's dense copy
+        a.load_state_dict(b.state_dict())  # in-place copy into a's tensors
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+
+
+def test_backend_attribute_repr_and_env(monkeypatch):
+    sl = SparseLinear.from_dense(masked_linear(8, 4), backend="reference")
+    assert sl.backend == "reference"
+    assert "in_features=8, out_features=4, bias=True, sparsity=2:4, backend='reference'" in repr(sl)
+    monkeypatch.setenv("SPARSEKERNELS_BACKEND", "nope")
+    with pytest.raises(ValueError, match="SPARSEKERNELS_BACKEND"):
+        sl(torch.randn(1, 8))
+
+
+def test_compile_fullgraph_module():
+    model = nn.Sequential(SparseLinear.from_dense(masked_linear(32, 16)), nn.GELU())
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
+
+
+def test_check_convertible_reasons():
+    assert SparseLinear.check_convertible(masked_linear(8, 4)) is None
+    assert SparseLinear.check_convertible(nn.Conv2d(4, 4, 1)) == "not an nn.Linear (got Conv2d)"
+    assert SparseLinear.check_convertible(nn.Linear(6, 4)) == "in_features=6 is not a multiple of 4"
+    assert "torch.float64 is not float16, bfloat16 or float32" in SparseLinear.check_convertible(
+        nn.Linear(8, 4, dtype=torch.float64)
+    )
+    assert "meta device" in SparseLinear.check_convertible(nn.Linear(8, 4, device="meta"))
+    dense = nn.Linear(8, 4)
+    with torch.no_grad():
+        dense.weight.copy_(masked_linear(8, 4).weight)
+        dense.weight[2, 4:8] = 1.0
+    assert SparseLinear.check_convertible(dense) == (
+        "weight is not 2:4 sparse: row 2, group 1 (columns 4..7) has 4 non-zeros"
+    )
+
+
+def test_from_dense_errors():
+    with pytest.raises(ValueError, match=r"cannot convert Linear\(in_features=6.*in_features=6 is not a multiple of 4"):
+        SparseLinear.from_dense(nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="row 0, group 0"):
+        SparseLinear.from_dense(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match="expected backend to be one of"):
+        SparseLinear.from_dense(masked_linear(8, 4), backend="gpu")
+
+
+def test_constructor_errors():
+    with pytest.raises(ValueError, match="expected in_features to be a positive multiple of 4, got 10"):
+        SparseLinear(10, 4)
+    with pytest.raises(ValueError, match="expected out_features >= 1, got 0"):
+        SparseLinear(8, 0)
+    with pytest.raises(TypeError, match="expected dtype float16, bfloat16 or float32, got torch.float64"):
+        SparseLinear(8, 4, dtype=torch.float64)
+
+
+def test_forward_errors_name_the_module():
+    sl = SparseLinear.from_dense(masked_linear(8, 4))
+    with pytest.raises(ValueError, match=r"SparseLinear.forward\(\): expected x of shape \[..., 8\].*got \(2, 4\)"):
+        sl(torch.randn(2, 4))
+    with pytest.raises(TypeError, match="expected x of the weight's dtype torch.float32, got torch.float16"):
+        sl(torch.randn(2, 8).half())

@@ -1,0 +1,427 @@
+"""Whole-model swap (sparsify / densify), the swap report, and tune / explain.
+
+The equivalence that matters: the swapped model gives the output of the masked dense model."""
+import copy
+
+import pytest
+import torch
+import torch.nn.utils.prune as torch_prune
+from torch import nn
+from torch.nn.utils import parametrize
+
+import sparsekernels as sk
+from sparsekernels.nn import swap
+from sparsekernels.ops import dispatch
+from tolerances import assert_close_rel
+
+
+# ----------------------------------------------------------------------------------------------------
+# masks (written here on purpose: the tests do not import ``pruning``)
+
+
+def mask_24(weight: torch.Tensor) -> torch.Tensor:
+    """Keep the 2 largest-magnitude values of every group of 4 along the last dim of a 2-D weight."""
+    out, k = weight.shape
+    groups = weight.reshape(out, k // 4, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(out, k)
+
+
+def mask_conv_24(weight: torch.Tensor) -> torch.Tensor:
+    """2:4 along input channels at each kernel position: groups of 4 in weight.permute(0, 2, 3, 1)."""
+    out, cin, kh, kw = weight.shape
+    flat = weight.permute(0, 2, 3, 1).reshape(out, -1)
+    return mask_24(flat).reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def mask_model_24(model: nn.Module) -> nn.Module:
+    """2:4-mask every Linear (in % 4 == 0) and Conv2d (in_channels % 4 == 0, groups 1) in place."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear) and m.in_features % 4 == 0:
+            m.weight.copy_(mask_24(m.weight))
+        elif isinstance(m, nn.Conv2d) and m.in_channels % 4 == 0 and m.groups == 1:
+            m.weight.copy_(mask_conv_24(m.weight))
+        if isinstance(m, nn.MultiheadAttention):
+            m.in_proj_weight.copy_(mask_24(m.in_proj_weight))
+    return model
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module) -> None:
+    """Non-trivial batch-norm statistics so an eval-mode ResNet is not an identity on its convs."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.2, 0.2)
+
+
+def resnet18_masked():
+    import torchvision
+
+    model = torchvision.models.resnet18(num_classes=10)
+    randomize_bn(model)
+    return mask_model_24(model).eval()
+
+
+def encoder_masked(batch_first=True):
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=batch_first)
+    return mask_model_24(nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=True)).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole models
+
+
+def test_resnet18_sparsify_matches_masked_dense():
+    model = resnet18_masked()
+    x = torch.randn(2, 3, 37, 29)
+    with torch.no_grad():
+        ref = model(x)
+        ref64 = copy.deepcopy(model).double()(x.double())
+    names_before = [n for n, _ in model.named_modules()]
+    report = sk.sparsify(model)
+    assert [n for n, _ in model.named_modules()] == names_before
+    # conv1 has 3 input channels: it cannot be 2:4 along input channels, and says so.
+    assert report.skipped_reasons.keys() == {"conv1"}
+    assert "in_channels" in report.skipped_reasons["conv1"] or "multiple of 4" in report.skipped_reasons["conv1"]
+    assert len(report.swapped) == 19 + 1  # 16 block convs + 3 downsample convs + fc
+    assert isinstance(model.layer1[0].conv1, sk.SparseConv2d) and isinstance(model.fc, sk.SparseLinear)
+    assert isinstance(model.layer2[0].downsample[0], sk.SparseConv2d)
+    with torch.no_grad():
+        out = model(x)
+    assert_close_rel(out, ref64, torch.float32)
+    assert_close_rel(out, ref, torch.float32)
+    text = str(report)
+    assert "layer4.1.conv2" in text and "conv1" in text and "SparseConv2d" in text
+
+
+def test_transformer_encoder_sparsify_matches_masked_dense():
+    model = encoder_masked()
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        ref = model(x)  # dense: PyTorch's fused fast path
+    model_slow = copy.deepcopy(model)
+    report = sk.sparsify(model)
+    assert set(report.swapped_names) == {f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)}
+    reasons = report.skipped_reasons
+    # MultiheadAttention: out_proj is read through .weight, in_proj is a bare Parameter.
+    assert "F.multi_head_attention_forward" in reasons["layers.0.self_attn.out_proj"]
+    assert "bare Parameter" in reasons["layers.1.self_attn.in_proj_weight"]
+    assert type(model.layers[0].self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    assert any("fast path" in n for n in report.notes)
+    with torch.no_grad():
+        out = model(x)
+    assert_close_rel(out, ref, torch.float32)
+    # and with a padding mask (the encoder's nested-tensor path reads layers[0].linear1.weight)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[0, 5:] = True
+    with torch.no_grad():
+        ref_pad = model_slow(x, src_key_padding_mask=pad)
+        out_pad = model(x, src_key_padding_mask=pad)
+    keep = ~pad
+    assert_close_rel(out_pad[keep], ref_pad[keep], torch.float32)
+    assert model.use_nested_tensor is False
+    # densify restores dense layers and removes the fast-path guard
+    back = sk.densify(model)
+    assert len(back.swapped) == 4 and type(model.layers[0].linear1) is nn.Linear
+    assert len(model.layers[0].linear1._forward_pre_hooks) == 0
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+
+
+def test_densify_roundtrip_resnet():
+    model = resnet18_masked()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    report = sk.densify(model)
+    assert report.action == "densify" and len(report.swapped) == 20
+    assert not any(isinstance(m, (sk.SparseLinear, sk.SparseConv2d)) for m in model.modules())
+    assert type(model.fc) is nn.Linear and type(model.layer1[0].conv1) is nn.Conv2d
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    assert "restored to dense" in str(report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what is preserved
+
+
+class Net(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.a = nn.Linear(20, 12, dtype=dtype)
+        self.b = nn.Linear(12, 8, bias=False, dtype=dtype)
+        self.conv = nn.Conv2d(8, 4, 3, padding=1, dtype=dtype)
+
+    def forward(self, x):
+        h = self.b(torch.relu(self.a(x)))
+        return self.conv(h.reshape(-1, 8, 1, 1).expand(-1, 8, 3, 3).contiguous())
+
+
+def test_hooks_names_training_dtype_preserved():
+    model = mask_model_24(Net())
+    model.eval()
+    model.b.train()
+    seen = []
+    h_post = model.a.register_forward_hook(lambda m, i, o: seen.append(("post", type(m).__name__)))
+    model.a.register_forward_pre_hook(lambda m, i: seen.append(("pre", type(m).__name__)))
+    model.b.register_forward_hook(lambda m, a, k, o: seen.append(("kw", sorted(k))), with_kwargs=True)
+    x = torch.randn(5, 20)
+    with torch.no_grad():
+        ref = model(x)
+    seen.clear()
+    report = sk.sparsify(model)
+    assert report.swapped_names == ["a", "b", "conv"]
+    with torch.no_grad():
+        out = model(x)
+    assert_close_rel(out, ref, torch.float32)
+    assert seen == [("pre", "SparseLinear"), ("post", "SparseLinear"), ("kw", [])]
+    assert model.b.training and not model.a.training and not model.conv.training
+    h_post.remove()  # the user's handle still works on the swapped layer
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert seen == [("pre", "SparseLinear"), ("kw", [])]
+    # and the hooks travel back with densify
+    sk.densify(model)
+    seen.clear()
+    with torch.no_grad():
+        model(x)
+    assert seen == [("pre", "Linear"), ("kw", [])] and model.b.training
+
+
+def test_dtype_and_device_preserved_fp16():
+    model = mask_model_24(Net(dtype=torch.float16)).eval()
+    sk.sparsify(model)
+    for m in (model.a, model.b, model.conv):
+        assert m.weight_values.dtype == torch.float16 and m.weight_values.device.type == "cpu"
+
+
+def test_shared_module_swapped_everywhere():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    mask_model_24(model)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = sk.sparsify(model)
+    assert report.swapped_names == ["0"]
+    assert model[0] is model[2] and isinstance(model[0], sk.SparseLinear)
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what is left dense, and why
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(16, 16)  # not 2:4
+        self.in6 = nn.Linear(6, 8)  # in % 4 != 0
+        self.grouped = nn.Conv2d(8, 8, 3, groups=2)
+        self.filtered = nn.Linear(16, 16)
+        self.sub = SubLinear(16, 16)
+        self.param = nn.Linear(16, 16)
+        self.pruned = nn.Linear(16, 16)
+        self.tied_a = nn.Linear(16, 16)
+        self.tied_b = nn.Linear(16, 16)
+        self.ok = nn.Linear(16, 4)
+
+
+class SubLinear(nn.Linear):
+    pass
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+def test_skip_reasons():
+    model = Odd()
+    with torch.no_grad():
+        for name in ("filtered", "sub", "param", "tied_a", "ok"):
+            getattr(model, name).weight.copy_(mask_24(getattr(model, name).weight))
+    model.tied_b.weight = model.tied_a.weight
+    parametrize.register_parametrization(model.param, "weight", Double())
+    torch_prune.l1_unstructured(model.pruned, "weight", amount=0.5)
+    report = sk.sparsify(model, filter_fn=lambda name, m: name != "filtered")
+    r = report.skipped_reasons
+    assert report.swapped_names == ["ok"]
+    assert "not 2:4" in r["dense"] and "row" in r["dense"]
+    assert "multiple of 4" in r["in6"]
+    assert "groups=2" in r["grouped"]
+    assert r["filtered"] == "excluded by filter_fn"
+    assert "subclass" in r["sub"]
+    assert "parametriz" in r["param"]
+    assert "torch.nn.utils.prune" in r["pruned"]
+    assert "tied" in r["tied_a"] and "tied_b" in r["tied_a"]
+    assert "tied" in r["tied_b"]
+    text = str(report)
+    for name in r:
+        assert name in text
+
+
+def test_root_layer_is_reported():
+    lin = mask_model_24(nn.Linear(8, 8))
+    report = sk.sparsify(lin)
+    assert report.swapped == () and "(root)" in report.skipped_reasons
+
+
+def test_failure_midway_leaves_model_unchanged(monkeypatch):
+    model = mask_model_24(Net())
+    before = dict(model.named_modules())
+    real = sk.SparseLinear.from_dense.__func__
+    calls = []
+
+    def flaky(cls, linear, *, backend="auto"):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("simulated failure")
+        return real(cls, linear, backend=backend)
+
+    monkeypatch.setattr(sk.SparseLinear, "from_dense", classmethod(flaky))
+    with pytest.raises(ValueError, match="converting layer 'b'.*unchanged.*simulated"):
+        sk.sparsify(model)
+    assert dict(model.named_modules()) == before
+    assert all(type(m) in (Net, nn.Linear, nn.Conv2d) for m in model.modules())
+
+
+def test_block_pattern():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    with torch.no_grad():
+        w = model[0].weight
+        blocks = torch.rand(4, 4) < 0.3  # 16x16 blocks, ~70 % zero
+        blocks[0, 0] = True
+        w.mul_(blocks.repeat_interleave(16, 0).repeat_interleave(16, 1))
+        model[2].weight.copy_(mask_24(model[2].weight))  # 2:4, not block sparse
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        ref = model(x)
+    report = sk.sparsify(model, pattern="block", block_size=16)
+    assert report.swapped_names == ["0"] and isinstance(model[0], sk.BlockSparseLinear)
+    assert "not block sparse" in report.skipped_reasons["2"]
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+    report = sk.sparsify(model, pattern="any")
+    assert report.swapped_names == ["2"] and isinstance(model[2], sk.SparseLinear)
+    r = report.skipped_reasons["4"]
+    assert "not 2:4" in r and "not block sparse" in r
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+    conv = nn.Sequential(nn.Conv2d(8, 8, 1))
+    assert "nn.Linear only" in sk.sparsify(conv, pattern="block").skipped_reasons["0"]
+    assert len(sk.densify(model).swapped) == 2
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: sk.sparsify("model"), TypeError, "expected an nn.Module"),
+        (lambda: sk.sparsify(nn.Linear(4, 4), filter_fn=3), TypeError, "filter_fn"),
+        (lambda: sk.sparsify(nn.Linear(4, 4), backend="fast"), ValueError, "backend"),
+        (lambda: sk.sparsify(nn.Linear(4, 4), pattern="1:4"), ValueError, "pattern"),
+        (lambda: sk.densify(3), TypeError, "expected an nn.Module"),
+        (lambda: sk.densify(nn.Linear(4, 4), filter_fn="x"), TypeError, "filter_fn"),
+    ],
+)
+def test_swap_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_densify_filter():
+    model = mask_model_24(Net())
+    sk.sparsify(model)
+    report = sk.densify(model, filter_fn=lambda n, m: n != "a")
+    assert report.swapped_names == ["b", "conv"] and report.skipped_reasons == {"a": "excluded by filter_fn"}
+    assert isinstance(model.a, sk.SparseLinear)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tune / explain
+
+
+class DispatchingLinear(sk.SparseLinear):
+    """A SparseLinear that asks the dispatcher on every call, as the ops do on CUDA."""
+
+    def forward(self, x):
+        dense = lambda: torch.nn.functional.linear(x, self.weight24.to_dense(), self.bias)  # noqa: E731
+        cands = {"triton": lambda: super(DispatchingLinear, self).forward(x), "dense": dense}
+        key = (x.reshape(-1, self.in_features).shape[0], self.out_features, self.in_features, str(x.dtype))
+        return cands[dispatch.select("sparse24_linear", key, cands, default="dense", device="cpu")]()
+
+
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "cache"))
+    dispatch.reset()
+    yield
+    dispatch.set_timer(None)
+    dispatch.reset()
+
+
+def test_tune_and_explain_record_decisions(isolated_cache):
+    model = mask_model_24(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)))
+    sk.sparsify(model)
+    for i in (0, 2):
+        model[i] = DispatchingLinear.from_dense(model[i].to_dense())
+    times = {("triton", 32): 0.5, ("dense", 32): 1.0, ("triton", 8): 2.0, ("dense", 8): 1.0}
+    dispatch.set_timer(lambda name, fn, device: times[(name, fn().shape[-1])])
+    report = sk.tune(model, torch.randn(4, 16), progress=False)
+    layers = {l.name: l for l in report.layers}
+    assert layers["0"].decisions[0].choice == "triton" and layers["2"].decisions[0].choice == "dense"
+    assert layers["0"].decisions[0].timings["dense"].median_ms == 1.0
+    text = str(report)
+    assert "triton ms" in text and "dense ms" in text and "2.00x" in text and "1.00x" in text
+    # explain() later (and after a restart: decisions come back from the tuning cache)
+    dispatch.reset()
+    again = sk.explain(model, print_report=False)
+    assert [d.choice for l in again.layers for d in l.decisions] == ["triton", "dense"]
+    assert all(d.source == "cache" for l in again.layers for d in l.decisions)
+
+
+def test_tune_input_kinds_and_cpu_explanation(isolated_cache, capsys):
+    class TwoInputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x, y=None):
+            return self.lin(x if y is None else x + y)
+
+    model = mask_model_24(TwoInputs())
+    sk.sparsify(model)
+    x = torch.randn(2, 8)
+    for inputs in (x, (x, x), {"x": x, "y": x}):
+        report = sk.tune(model, inputs, progress=False)
+        assert report.layers[0].decisions == ()
+    printed = sk.explain(model)
+    out = capsys.readouterr().out
+    assert "lin" in out and "auto on CPU" in out and "dense copy" in out
+    assert printed.layers[0].shape == "8->4" and printed.layers[0].backend == "auto"
+    with pytest.raises(TypeError, match="example_inputs"):
+        sk.tune(model, [x])
+    with pytest.raises(TypeError, match="nn.Module"):
+        sk.tune("model", x)
+    with pytest.raises(TypeError, match="nn.Module"):
+        sk.explain(None)
+    assert "no sparse layers" in str(sk.explain(nn.Linear(3, 3), print_report=False))
+
+
+def test_explain_describes_conv_and_fixed_backend():
+    model = mask_model_24(nn.Sequential(nn.Conv2d(8, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(16, 4)))
+    sk.sparsify(model, filter_fn=lambda n, m: n == "0")
+    model[0].backend = "reference"
+    rep = sk.explain(model, torch.randn(1, 8, 4, 4), print_report=False)
+    (layer,) = rep.layers
+    assert layer.shape == "8->4 k3x3 s2 p1 d1" and "fixed backend 'reference'" in layer.note

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,7 +125,7 @@ def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple
     meta = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "has_weights": bool(include_weights), "layers": layers}
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tensor_path), metadata={"format": PLAN_FORMAT, "version": str(PLAN_VERSION)})
-    json_path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    json_path.write_text(json.dumps(meta, indent=2) + "\n")
     return tensor_path, json_path
 
 
@@ -220,7 +219,8 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
     if problems:
         raise ValueError("apply_plan(): the plan does not fit this model:\n  " + "\n  ".join(problems))
     layers = []
-    for name, mask in plan.masks.items():
+    for name in [n for n in modules if n in plan.masks]:  # the model's order
+        mask = plan.masks[name]
         module = modules[name]
         info = plan.layers.get(name, {})
         if name in plan.weights:

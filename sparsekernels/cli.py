@@ -156,12 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--epochs", type=_positive_int, default=15, help="training epochs of the dense model (15)")
     demo.add_argument("--finetune-epochs", type=_positive_int, default=None,
                       help="fine-tuning epochs after each pruning step (default: --epochs // 2, at least 1)")
-    demo.add_argument("--width", type=_positive_int, default=64, help="first-stage channels of DigitsCNN (64)")
+    demo.add_argument("--width", type=_positive_int, default=32, help="first-stage channels of DigitsCNN (32)")
     demo.add_argument("--batch", type=_positive_int, default=256, help="batch size of the timed inference (256)")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed by filter pruning (0.5)")
     demo.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
     demo.add_argument("--threads", type=_positive_int, default=None,
-                      help="CPU threads for the timing (default: torch's default)")
+                      help="CPU threads of the timed inference (default 1: stable on a shared CPU)")
     _add_progress(demo)
     demo.set_defaults(func=_run_demo)
 

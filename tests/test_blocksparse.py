@@ -14,7 +14,7 @@ from sparsekernels.ops.blocksparse_linear import (
     block_sparse_linear_dense,
     block_sparse_linear_reference,
 )
-from tolerances import RTOL, assert_close_rel, rel_error
+from tolerances import assert_close_rel, rel_error
 
 
 def block_masked(out, k, bs, keep, dtype=torch.float64, empty_rows=(), generator=None):

@@ -16,9 +16,10 @@ from test_swap import mask_24, mask_model_24, randomize_bn
 
 
 def resnet_factory():
-    import torchvision
+    """A ResNet with one BasicBlock per stage (torchvision's ResNet-18 blocks; cheaper for the CPU suite)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
 
-    return torchvision.models.resnet18(num_classes=10)
+    return ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10)
 
 
 def test_resnet_roundtrip_on_meta(tmp_path):
@@ -31,9 +32,9 @@ def test_resnet_roundtrip_on_meta(tmp_path):
         ref = model(x)
     path = tmp_path / "resnet.safetensors"
     record = sk.save_sparse(model, path, metadata={"model": "resnet18"})
-    assert len(record["sparse_modules"]) == 20
+    assert len(record["sparse_modules"]) == 8 + 3 + 1  # block convs, downsample convs, fc (stem: 3 channels)
     loaded = sk.load_sparse(resnet_factory, path).eval()
-    assert isinstance(loaded.layer3[1].conv2, sk.SparseConv2d) and isinstance(loaded.fc, sk.SparseLinear)
+    assert isinstance(loaded.layer3[0].conv2, sk.SparseConv2d) and isinstance(loaded.fc, sk.SparseLinear)
     assert type(loaded.conv1) is nn.Conv2d
     assert all(t.device.type == "cpu" for t in loaded.state_dict().values())
     with torch.no_grad():

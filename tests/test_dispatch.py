@@ -371,3 +371,39 @@ def test_cached_inference_tensor():
 def test_cached_errors(args, match):
     with pytest.raises(TypeError, match=match):
         dispatch.cached(*args)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the per-layer benchmark suite (CPU smoke run: tiny repetition counts, real files)
+
+
+def test_resnet50_conv_shapes_from_the_model():
+    from sparsekernels.bench.layers import resnet50_conv_shapes
+
+    shapes = resnet50_conv_shapes()
+    assert len(shapes) == 22 and all(s.in_channels % 4 == 0 for s in shapes)
+    # 53 convs in ResNet-50, minus the 3-channel stem
+    assert sum(s.count for s in shapes) == 52
+    first = shapes[0]
+    assert (first.in_channels, first.out_channels, first.kernel_size, first.height) == (64, 64, (1, 1), 56)
+
+
+def test_layer_suite_writes_stamped_results(tmp_path):
+    from sparsekernels.bench.layers import run_layer_suite
+
+    rows = run_layer_suite("cpu", suites=("bert-base",), tokens=(3,), dtypes=(torch.float32,), out_dir=tmp_path,
+                           progress=False, rep=2, rounds=1)
+    assert {(r.layer, r.backend) for r in rows} == {
+        (layer, b) for layer in ("768->768", "768->3072", "3072->768") for b in ("dense", "reference", "auto")
+    }
+    for r in rows:
+        assert r.median_ms > 0 and (r.rel_err_vs_dense is None or r.rel_err_vs_dense < 1e-5)
+        assert (r.choice is not None) == (r.backend == "auto")
+    data = json.loads((tmp_path / "cpu" / "layers.json").read_text())
+    assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 9
+    assert data["meta"]["auto_rows"] == 3
+    assert "vs dense" in (tmp_path / "cpu" / "layers.md").read_text()
+    with pytest.raises(ValueError, match="suites"):
+        run_layer_suite("cpu", suites=("gpt",), write=False)
+    with pytest.raises(ValueError, match="rep >= 1"):
+        run_layer_suite("cpu", suites=("bert-base",), rep=0, write=False)

@@ -321,3 +321,11 @@ def test_module_constructor_and_forward_errors():
         layer(torch.randn(1, 4, 5, 5))
     with pytest.raises(TypeError, match="dtype torch.float32"):
         layer(torch.randn(1, 8, 5, 5, dtype=torch.float16))
+
+
+def test_module_exports():
+    layer = SparseConv2d.from_dense(masked_conv(8, 6, 3, padding=1, stride=2))
+    x = torch.randn(2, 8, 7, 5)
+    ep = torch.export.export(layer, (x,))
+    assert any(n.target == torch.ops.sparsekernels.sparse24_conv2d.default for n in ep.graph.nodes)
+    assert torch.equal(ep.module()(x), layer(x))

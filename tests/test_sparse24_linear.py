@@ -82,6 +82,17 @@ def test_kernel_leading_batch_dims_and_noncontiguous_x(kernel_device, dtype):
 
 
 @pytest.mark.interpreter
+def test_split_k_env_override(kernel_device, monkeypatch):
+    w24 = random_w24(20, 72, torch.float32).to(kernel_device)
+    x = torch.randn(2, 72, device=kernel_device)
+    monkeypatch.setenv("SPARSEKERNELS_SPLIT_K", "2")
+    assert_close_rel(sparse24_linear(x, w24, backend="triton"), reference64(x, w24, None), torch.float32)
+    monkeypatch.setenv("SPARSEKERNELS_SPLIT_K", "zero")
+    with pytest.raises(ValueError, match="expected SPARSEKERNELS_SPLIT_K to be an integer >= 1, got 'zero'"):
+        sparse24_linear(x, w24, backend="triton")
+
+
+@pytest.mark.interpreter
 def test_kernel_empty_batch(kernel_device):
     w24 = random_w24(8, 16, torch.float32).to(kernel_device)
     y = sparse24_linear(torch.randn(0, 16, device=kernel_device), w24, backend="triton")

@@ -107,6 +107,16 @@ def test_compile_fullgraph_module():
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="eager")(x), model(x))
 
 
+def test_torch_export_keeps_one_custom_op_node():
+    model = nn.Sequential(SparseLinear.from_dense(masked_linear(32, 16)), nn.ReLU())
+    x = torch.randn(3, 32)
+    ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets == ["sparsekernels.sparse24_linear.default", "aten.relu.default"]
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
 def test_check_convertible_reasons():
     assert SparseLinear.check_convertible(masked_linear(8, 4)) is None
     assert SparseLinear.check_convertible(nn.Conv2d(4, 4, 1)) == "not an nn.Linear (got Conv2d)"
@@ -148,3 +158,35 @@ def test_forward_errors_name_the_module():
         sl(torch.randn(2, 4))
     with pytest.raises(TypeError, match="expected x of the weight's dtype torch.float32, got torch.float16"):
         sl(torch.randn(2, 8).half())
+
+
+def test_cpu_sweep_and_design_study_write_results(tmp_path):
+    import json
+
+    from sparsekernels.bench import linear24
+
+    rows = linear24.run_linear24_sweep("cpu", tokens=(1, 3), layers=((32, 24),), out_dir=tmp_path, progress=False)
+    assert {(r.tokens, r.backend) for r in rows} == {(1, "dense"), (1, "cpu_auto"), (3, "dense"), (3, "cpu_auto")}
+    for r in rows:
+        assert r.median_ms > 0 and r.iqr_ms >= 0 and r.gb_per_s > 0 and r.tflop_per_s > 0
+        assert r.rel_err_vs_dense is None if r.backend == "dense" else r.rel_err_vs_dense < 1e-6
+    data = json.loads((tmp_path / "cpu" / "linear24.json").read_text())
+    assert len(data["rows"]) == 4 and data["environment"]["device_type"] == "cpu"
+    assert "| 32 | 24 |" in (tmp_path / "cpu" / "linear24.md").read_text()
+
+    study = linear24.cpu_design_study(layers=((16, 8),), tokens=(1,), out_dir=tmp_path, progress=False)
+    assert {r.backend for r in study} == {
+        "dense", "expand_per_call", "cached_dense", "torch_sparse_csr", "gather", "nn_linear", "sparse_linear"
+    }
+    assert all(r.paired_speedup > 0 for r in study)
+    assert all(r.rel_err_vs_dense is None or r.rel_err_vs_dense < 1e-6 for r in study)
+    assert (tmp_path / "cpu" / "cpu_design_study.md").is_file()
+
+
+def test_sweep_argument_errors(tmp_path):
+    from sparsekernels.bench import linear24
+
+    with pytest.raises(ValueError, match=r"in_features to be a multiple of 4, got layer \(30, 8\)"):
+        linear24.run_linear24_sweep("cpu", layers=((30, 8),), write=False, progress=False)
+    with pytest.raises(ValueError, match=r"expected tokens >= 1, got \(0,\)"):
+        linear24.run_linear24_sweep("cpu", tokens=(0,), layers=((32, 8),), write=False, progress=False)

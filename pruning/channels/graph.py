@@ -248,7 +248,7 @@ class DependencyGraph:
         ValueError: a name in ``ignore`` is not a submodule of ``model``.
     """
 
-    def __init__(self, model: nn.Module, example_inputs, *, ignore=(), strict: bool = False):
+    def __init__(self, model: nn.Module, example_inputs, *, ignore=(), strict: bool = False, opaque=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"DependencyGraph: expected an nn.Module, got {type(model).__name__}")
         args, kwargs = normalize_inputs(example_inputs, "DependencyGraph")
@@ -276,6 +276,8 @@ class DependencyGraph:
                 raise TypeError(f"DependencyGraph: ignore items must be nn.Module or str, got "
                                 f"{type(item).__name__}")
         self.ignore = frozenset(ignore_names)
+        self.opaque = dict(opaque) if isinstance(opaque, dict) else {n: "kept on request" for n in opaque}
+        self._opaque_start: dict[str, list] = {}
 
         # union-find over slots
         self._parent: list[int] = []
@@ -380,6 +382,12 @@ class DependencyGraph:
 
         def hook(mod, args, kwargs):
             self._mod_stack.append(name)
+            if name in self.opaque:
+                self._opaque_start.setdefault(name, []).append(len(self._parent))
+                for t in _iter_tensors((args, kwargs)):
+                    st = self._get(t)
+                    if isinstance(st, _Lab):
+                        self._freeze(st.labels, f"{name}: {self.opaque[name]}")
             if spec is not None and not self._paused:
                 hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
                 self._paused.append((name, hidden, [] if spec == "bert" else None, spec, args, kwargs))
@@ -397,6 +405,13 @@ class DependencyGraph:
                 top = self._paused.pop()
                 if top is not None:
                     self._record_attention(name, module, top, output)
+            if name in self.opaque:
+                start = self._opaque_start[name].pop()
+                self._freeze(np.arange(start, len(self._parent)), f"{name}: {self.opaque[name]}")
+                for t in _iter_tensors(output):
+                    st = self._get(t)
+                    if isinstance(st, _Lab):
+                        self._freeze(st.labels, f"{name}: {self.opaque[name]}")
             if name in self.ignore:
                 for t in _iter_tensors(output):
                     st = self._state.get(id(t))
@@ -1033,6 +1048,18 @@ class DependencyGraph:
             self._freeze(st.labels, f"{where}: indexing into the traced channels")
             return
         self._set(out, _Lab(targets[0][0], st.labels))
+
+    def _op_roll(self, name, args, kwargs, out, where):
+        x = args[0]
+        st = self._get(x)
+        if not isinstance(st, _Lab):
+            return
+        dims = _arg(args, kwargs, 2, "dims")
+        dims = [dims] if isinstance(dims, int) else list(dims or [])
+        if not dims or {_norm_dim(d, x.dim()) for d in dims} & set(range(st.start, st.stop)):
+            self._freeze(st.labels, f"{where}: roll along the traced channels")
+        else:
+            self._set(out, st)
 
     def _op_contiguous(self, name, args, kwargs, out, where):
         self._set(out, self._get(args[0]))

@@ -228,6 +228,38 @@ def _compose(prev: dict, step: dict) -> dict:
     return out
 
 
+def _check_forward(model: nn.Module, example_inputs):
+    """Run ``model`` once (eval, no grad); return ``(exception or None, innermost module name at the failure,
+    output shapes)``."""
+    stack: list[str] = []
+    failed: list[str] = []
+    handles = []
+
+    def push(name):
+        def hook(mod, args):
+            stack.append(name)
+        return hook
+
+    def pop(mod, args, output):
+        stack.pop()
+
+    for name, m in model.named_modules():
+        handles.append(m.register_forward_pre_hook(push(name)))
+        handles.append(m.register_forward_hook(pop))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = run_model(model, example_inputs)
+        return None, None, _shapes(out)
+    except Exception as e:  # any failure is reported with the module it happened in
+        return e, (stack[-1] if stack else None), None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+
+
 def _shapes(outputs) -> list:
     return [tuple(t.shape) for t in _flatten_tensors(outputs, [])]
 
@@ -249,6 +281,7 @@ def prune_channels(
     finetune_kwargs: Mapping | None = None,
     max_group_ratio: float = 0.9,
     strict: bool = False,
+    max_retries: int = 8,
     progress: bool = True,
     return_report: bool = False,
 ):
@@ -278,7 +311,11 @@ def prune_channels(
         finetune_data: batches for :func:`pruning.training.finetune` after every step.
         finetune_kwargs: keyword arguments for ``finetune`` (e.g. ``{"epochs": 2, "lr": 1e-3}``).
         max_group_ratio: with ``global_pruning``, the most any one group may lose.
-        strict: raise on ops the tracer does not understand instead of keeping their channels.
+        strict: raise on ops the tracer does not understand instead of keeping their channels, and on a
+            failed check forward pass instead of retrying.
+        max_retries: when the pruned model fails its check forward pass inside some module (its code
+            computes a shape from a size the trace could not relate to the channels, e.g. Swin's
+            ``C // num_heads``), that module's channels are kept and pruning is redone, at most this many times.
         progress: progress bars for Taylor calibration and fine-tuning.
         return_report: also return the :class:`ChannelPruningReport`.
 
@@ -334,10 +371,15 @@ def prune_channels(
         else:
             raise TypeError(f"{_FN}: expected ignore items as nn.Module or str, got {type(item).__name__}")
 
-    macs_before, macs_b = count_macs(model, example_inputs)
+    try:
+        macs_before, macs_b, ref_out = count_macs(model, example_inputs, return_output=True)
+    except Exception as e:  # name the module where the user's model fails on these inputs
+        err, where, _ = _check_forward(model, example_inputs)
+        raise TraceError(f"{_FN}: the model's forward pass failed on example_inputs in {where or '<model>'!r} "
+                         f"({type(err or e).__name__}: {err or e})") from e
     params_before = count_params(model)
-    with torch.no_grad():
-        ref_shapes = _shapes(run_model(model, example_inputs))
+    ref_shapes = _shapes(ref_out)
+    del ref_out
 
     work = copy.deepcopy(model)
     step_keep = 1.0 - (1.0 - ratio) ** (1.0 / steps)
@@ -345,32 +387,33 @@ def prune_channels(
     first_graph = None
     first_groups = None
     for step in range(steps):
-        graph = DependencyGraph(work, example_inputs, ignore=ignore_names, strict=strict)
+        opaque: dict = {}
+        for attempt in range(max_retries + 1):
+            trial = copy.deepcopy(work) if attempt < max_retries else work
+            graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
+            scores = group_importance(trial, graph, importance, calib=calib, loss_fn=loss_fn, progress=progress)
+            removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
+                                   round_to=round_to, max_group_ratio=max_group_ratio)
+            keep = apply_channel_pruning(trial, graph, removed)
+            err, where, out_shapes = _check_forward(trial, example_inputs)
+            if err is None and out_shapes == ref_shapes:
+                break
+            if err is None:
+                raise TraceError(f"{_FN}: the pruned model's output shapes {out_shapes} differ from the original "
+                                 f"{ref_shapes}")
+            if strict or not where or where in opaque or attempt == max_retries:
+                raise TraceError(
+                    f"{_FN}: the pruned model failed its check forward pass in {where or '<model>'!r} "
+                    f"({type(err).__name__}: {err}); the tracer missed a channel coupling there; pass "
+                    "ignore=[...] with the modules around it"
+                ) from err
+            # the module's code computes shapes the trace could not see: keep its channels and try again
+            opaque[where] = f"its code failed on pruned shapes ({type(err).__name__}), so its channels are kept"
+        work = trial
         if first_graph is None:
             first_graph = graph
             first_groups = [(g.index, tuple(g.spaces), g.channels, len(g.units), g.unit_channels, g.frozen_reason,
-                             [u for u in g.units]) for g in graph.groups]
-        scores = group_importance(work, graph, importance, calib=calib, loss_fn=loss_fn, progress=progress)
-        removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
-                               round_to=round_to, max_group_ratio=max_group_ratio)
-        if step == 0:
-            first_removed = removed
-        try:
-            keep = apply_channel_pruning(work, graph, removed)
-            with torch.no_grad():
-                was = work.training
-                work.eval()
-                out_shapes = _shapes(run_model(work, example_inputs))
-                work.train(was)
-        except Exception as e:
-            raise TraceError(
-                f"{_FN}: the pruned model failed its check forward pass ({type(e).__name__}: {e}); this model "
-                "uses an op whose channel coupling the tracer got wrong; pass strict=True to find it, or "
-                "ignore= the modules around it"
-            ) from e
-        if out_shapes != ref_shapes:
-            raise TraceError(f"{_FN}: the pruned model's output shapes {out_shapes} differ from the original "
-                             f"{ref_shapes}")
+                             list(g.units)) for g in graph.groups]
         total_keep = _compose(total_keep, keep)
         if finetune_data is not None:
             from pruning.training import finetune

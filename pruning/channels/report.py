@@ -113,11 +113,11 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_macs(model: nn.Module, example_inputs) -> tuple[int, dict]:
+def count_macs(model: nn.Module, example_inputs, *, return_output: bool = False):
     """MACs of one forward pass (eval mode, no grad) with ``torch.utils.flop_counter.FlopCounterMode``.
 
     Returns:
-        ``(total MACs, {leaf module name: MACs})``.
+        ``(total MACs, {leaf module name: MACs})``, plus the model's output with ``return_output=True``.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -126,7 +126,7 @@ def count_macs(model: nn.Module, example_inputs) -> tuple[int, dict]:
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            model(*args, **kwargs)
+            output = model(*args, **kwargs)
     finally:
         for n, m in model.named_modules():
             m.training = was[n]
@@ -138,6 +138,8 @@ def count_macs(model: nn.Module, example_inputs) -> tuple[int, dict]:
         name = key[len(root) + 1:] if key.startswith(root + ".") else key
         if name in leaves:
             per[name] = int(sum(ops.values())) // 2
+    if return_output:
+        return int(fc.get_total_flops()) // 2, per, output
     return int(fc.get_total_flops()) // 2, per
 
 

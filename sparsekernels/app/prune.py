@@ -123,7 +123,11 @@ def build_model(spec: str, factory: str | None = None) -> nn.Module:
 
 def _call_factory(spec: str) -> nn.Module:
     fn = load_factory(spec)
-    model = fn()
+    try:
+        model = fn()
+    except Exception as e:  # the user's code: say which factory failed and how, in one line
+        raise UsageError(f"factory {spec!r} failed when called with no arguments: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"factory {spec!r} returned {type(model).__name__}, expected an nn.Module")
     return model

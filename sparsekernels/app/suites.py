@@ -18,7 +18,6 @@ about a minute.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ class SuiteSizes:
     llama_tokens: tuple[int, ...]
     rounds: int
     rep: int
+    resnet_arch: str = "resnet50"
 
 
 def suite_sizes(device: torch.device | str, quick: bool) -> SuiteSizes:
@@ -170,98 +170,124 @@ def _nbytes(example) -> int:
     return example.nbytes
 
 
-def _swap_24(model: nn.Module, example) -> tuple[nn.Module, str]:
-    """2:4-prune every eligible layer (magnitude), remove the masks, swap. Returns (masked dense copy, note)."""
+def _prune_24_masked(model: nn.Module) -> nn.Module:
+    """2:4-prune every eligible layer of ``model`` in place (magnitude) and remove the masks: plain weights
+    with zeros, the masked dense model."""
     import pruning
 
-    import sparsekernels
-
-    pruning.prune_weights(model, pattern="2:4", importance="magnitude")
+    pruning.prune_weights(model, pattern="2:4", importance="magnitude", progress=False)
     pruning.remove_masks(model)
-    masked = copy.deepcopy(model)
-    report = sparsekernels.sparsify(model)
-    return masked, f"{len(report.swapped)} layers 2:4, {len(report.skipped)} dense"
+    return model
 
 
 def _prune_filters(model: nn.Module, example, ratio: float) -> nn.Module:
     import pruning
 
-    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1")
+    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1", progress=False)
     return result[0] if isinstance(result, tuple) else result
+
+
+def _batch_of(example) -> int:
+    t = next(iter(example.values())) if isinstance(example, dict) else example
+    return int(t.shape[0])
+
+
+def _to_device(example, device: torch.device, dtype: torch.dtype):
+    if isinstance(example, dict):  # token ids and masks keep their integer dtype
+        return {k: v.to(device) for k, v in example.items()}
+    return example.to(device=device, dtype=dtype)
 
 
 def _model_rows(
     model_name: str,
     build: Callable[[], nn.Module],
-    example_cpu,
+    examples: list,
     variants: list[tuple[str, str, float]],
     *,
-    batch: int,
     device: torch.device,
     dtype: torch.dtype,
     sizes: SuiteSizes,
     progress: bool,
 ) -> list[dict]:
-    """Build each variant (``(label, kind, ratio)`` with kind ``dense|filters|2:4|filters+2:4``), time them
-    interleaved, and return one row per variant."""
+    """Build each variant once (``(label, kind, ratio)`` with kind ``dense|filters|2:4|filters+2:4``), then, for
+    every example (one per batch size), time all variants interleaved. Returns one row per (batch, variant).
+
+    Pruning and MAC counting run on the CPU in float32 with the first example; the models are then moved to
+    ``device`` / ``dtype`` and the 2:4 ones swapped with ``sparsekernels.sparsify``.
+    """
+    import sparsekernels
+
     from .measure import count_macs, device_peak, roofline_columns, stored_bytes, time_interleaved
 
     peak = device_peak(device)
-
-    def to_dev(ex):
-        if isinstance(ex, dict):
-            return {k: v.to(device) for k, v in ex.items()}
-        return ex.to(device=device, dtype=dtype)
-
-    example = to_dev(example_cpu)
+    first = examples[0]
+    first_batch = _batch_of(first)
     torch.manual_seed(0)
     base = build().eval()
-    dense_macs = count_macs(base, example_cpu).total
-    models, rows = {}, []
+    base_macs = count_macs(base, first)
+    filtered: dict[float, tuple[nn.Module, object]] = {}
+    models: dict[str, nn.Module] = {}
+    info: dict[str, dict] = {}
     for label, kind, ratio in variants:
-        row = {"model": model_name, "variant": label, "batch": batch, "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
-               "status": "ok"}
-        rows.append(row)
+        meta = info[label] = {"status": "ok"}
         try:
-            m = copy.deepcopy(base)
             if kind in ("filters", "filters+2:4"):
-                m = _prune_filters(m, example_cpu, ratio).eval()
-            macs = count_macs(m, example_cpu)
-            row["mac_ratio"] = macs.effective / dense_macs
-            row["flops"] = 2.0 * macs.total
+                if ratio not in filtered:  # prune_channels returns a new model and leaves base untouched
+                    fm = _prune_filters(base, first, ratio).eval()
+                    filtered[ratio] = (fm, count_macs(fm, first))
+                m, macs = copy.deepcopy(filtered[ratio][0]), filtered[ratio][1]
+            else:
+                m, macs = copy.deepcopy(base), base_macs
+            meta["flops_per_sample"] = 2.0 * macs.total / first_batch
+            if kind in ("2:4", "filters+2:4"):
+                _prune_24_masked(m)
+                macs = count_macs(m, first)
+            meta["mac_ratio"] = macs.effective / base_macs.total
             m = m.to(device=device, dtype=dtype).eval()
             if kind in ("2:4", "filters+2:4"):
-                masked, note = _swap_24(m, example)
+                masked = copy.deepcopy(m)
+                report = sparsekernels.sparsify(m)
+                meta["status"] = f"{len(report.swapped)} layers 2:4, {len(report.skipped)} dense"
+                x = _to_device(first, device, dtype)
                 with torch.inference_mode():
-                    row["rel_err"] = _rel_err(_output_tensor(_call(m, example)), _output_tensor(_call(masked, example)))
-                row["mac_ratio"] = count_macs(masked, example).effective / dense_macs
+                    meta["rel_err"] = _rel_err(_output_tensor(_call(m, x)), _output_tensor(_call(masked, x)))
                 del masked
-                row["status"] = note
-            row["weight_bytes"] = stored_bytes(m)
-            row["weight_mb"] = row["weight_bytes"] / 1e6
-            row["peak_mem_mb"] = _peak_mem_mb(m, example, device)
+            meta["weight_bytes"] = stored_bytes(m)
             models[label] = m
         except Exception as e:  # a variant that cannot be built is reported, never hidden
-            row["status"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            meta["status"] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+    del filtered
 
-    def runner(m):
+    def runner(m, x):
         def call():
             with torch.inference_mode():
-                return _call(m, example)
+                return _call(m, x)
         return call
 
-    if models:
-        timings = time_interleaved({k: runner(m) for k, m in models.items()}, device=device, rounds=sizes.rounds,
-                                   rep=sizes.rep, progress=progress, desc=f"{model_name} b{batch}")
+    rows = []
+    for example in examples:
+        batch = _batch_of(example)
+        x = _to_device(example, device, dtype)
+        timings = {}
+        if models:
+            timings = time_interleaved({k: runner(m, x) for k, m in models.items()}, device=device,
+                                       rounds=sizes.rounds, rep=sizes.rep, progress=progress,
+                                       desc=f"{model_name} b{batch}")
         dense_ms = timings["dense"].median_ms if "dense" in timings else None
-        for row in rows:
-            t = timings.get(row["variant"])
+        for label, _, _ in variants:
+            meta = info[label]
+            row = {"model": model_name, "variant": label, "batch": batch, "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
+                   "status": meta["status"], "mac_ratio": meta.get("mac_ratio"), "rel_err": meta.get("rel_err")}
+            rows.append(row)
+            t = timings.get(label)
             if t is None:
                 continue
-            row.update(latency_ms=t.median_ms, iqr_ms=t.iqr_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms, samples=t.n)
-            row["speedup"] = dense_ms / t.median_ms if dense_ms else None
-            io = _nbytes(example) * 2  # input in, output of similar size out: a lower bound on traffic
-            row.update(roofline_columns(row["flops"], row["weight_bytes"] + io, t.median_ms, peak))
+            row.update(latency_ms=t.median_ms, iqr_ms=t.iqr_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms, samples=t.n,
+                       speedup=dense_ms / t.median_ms if dense_ms else None,
+                       weight_mb=meta["weight_bytes"] / 1e6,
+                       peak_mem_mb=_peak_mem_mb(models[label], x, device))
+            io = _nbytes(x) * 2  # input in, output of similar size out: a lower bound on the traffic
+            row.update(roofline_columns(meta["flops_per_sample"] * batch, meta["weight_bytes"] + io, t.median_ms, peak))
     return rows
 
 
@@ -277,9 +303,9 @@ def resnet50_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = Fa
     variants = [("dense", "dense", 0.0)]
     variants += [(f"filters -{r:.0%}", "filters", r) for r in sizes.resnet_ratios]
     variants += [("2:4", "2:4", 0.0), (f"filters -{both_ratio:.0%} + 2:4", "filters+2:4", both_ratio)]
-    rows = _model_rows(f"resnet50 {res}px", lambda: torchvision.models.resnet50(weights=None), example, variants,
-                       batch=batch, device=device, dtype=dtype, sizes=sizes, progress=progress)
-    return SuiteResult("resnet50", f"ResNet-50 (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
+    rows = _model_rows(f"{sizes.resnet_arch} {res}px", lambda: torchvision.models.get_model(sizes.resnet_arch),
+                       [example], variants, device=device, dtype=dtype, sizes=sizes, progress=progress)
+    return SuiteResult("resnet50", f"{sizes.resnet_arch} (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
                        notes="Filter ratios are fractions of channels removed (pruning.prune_channels, L1); "
                        "MACs / dense counts non-zero-weight MACs (torch.utils.flop_counter).")
 
@@ -299,13 +325,12 @@ def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False,
     def build():
         return BertModel(config, add_pooling_layer=False)
 
-    rows = []
     variants = [("dense", "dense", 0.0), ("filters -30%", "filters", 0.3), ("2:4", "2:4", 0.0)]
-    for batch in sizes.bert_batches:
-        gen = torch.Generator().manual_seed(batch)
-        example = {"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert_seq), generator=gen)}
-        rows += _model_rows(f"bert-base {sizes.bert_layers}L seq{sizes.bert_seq}", build, example, variants,
-                            batch=batch, device=device, dtype=dtype, sizes=sizes, progress=progress)
+    gen = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert_seq), generator=gen)}
+                for batch in sizes.bert_batches]
+    rows = _model_rows(f"bert-base {sizes.bert_layers}L seq{sizes.bert_seq}", build, examples, variants,
+                       device=device, dtype=dtype, sizes=sizes, progress=progress)
     return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert_layers} layers, hidden 768, 12 heads, FFN 3072,"
                        f" seq {sizes.bert_seq}, random init)", rows, MODEL_COLUMNS,
                        notes="filters -30%: attention heads and FFN width pruned by pruning.prune_channels; "

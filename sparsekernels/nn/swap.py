@@ -366,7 +366,7 @@ def sparsify(
                 if reason is None:
                     plans.append((name, module, sparse_conv, "2:4"))
                 else:
-                    skip(f"not 2:4: {reason}")
+                    skip(reason)
             continue
 
         reasons = []
@@ -375,7 +375,7 @@ def sparsify(
             if reason is None:
                 plans.append((name, module, sparse_linear, "2:4"))
                 continue
-            reasons.append(f"not 2:4: {reason}")
+            reasons.append(f"2:4: {reason}" if pattern == "any" else reason)
         if pattern in ("block", "any"):
             if block_linear is None:
                 reason = "BlockSparseLinear is not available"
@@ -386,7 +386,7 @@ def sparsify(
             if reason is None:
                 plans.append((name, module, block_linear, "block"))
                 continue
-            reasons.append(f"not block sparse: {reason}")
+            reasons.append(f"block: {reason}" if pattern == "any" else reason)
         skip("; ".join(reasons))
 
     # Build every replacement before touching the model.

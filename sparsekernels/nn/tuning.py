@@ -209,8 +209,12 @@ def _note(module: nn.Module, device: torch.device, backend: str, tuned: bool) ->
         return "on the meta device: load weights first"
     kind = type(module).__name__
     if kind == "BlockSparseLinear":
-        return "auto on CPU: no measuring; runs the block-sparse CPU path (see docs/conv-and-block.md)"
-    return ("auto on CPU: no measuring; multiplies with a dense copy of the weight expanded once and cached "
+        return ("auto on CPU: no measuring; the block-sparse reference when >= 16 rows and <= 12.5 % of blocks "
+                "kept, else F.linear on a dense copy cached per weight (see docs/conv-and-block.md)")
+    if kind == "SparseConv2d":
+        return ("auto on CPU: no measuring; F.conv2d on a dense copy of the weight expanded once and cached "
+                "(see docs/conv-and-block.md); the state_dict stays compressed")
+    return ("auto on CPU: no measuring; F.linear on a dense copy of the weight expanded once and cached "
             "(measured within 1.1x of dense, see docs/sparse24.md); the state_dict stays compressed")
 
 

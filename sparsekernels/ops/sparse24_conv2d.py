@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
-from typing import Optional, Union
+# typing.Sequence (not collections.abc): torch < 2.8 evaluates the custom op's string annotations in
+# its own namespace, where only typing's names exist.
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -295,7 +296,7 @@ def _dense(x, weight4d, bias, stride, padding, dilation) -> torch.Tensor:
 def _dispatch_key(x, n, stride, padding, dilation, kernel_size, has_bias) -> tuple:
     bsz, c, h, w = x.shape
     fmt = "channels_last" if _output_format(x) == torch.channels_last else "contiguous"
-    # batch bucketed to powers of two: a decision measured at B=3 serves B=3..4
+    # batch bucketed to powers of two (B=3 and B=4 share a decision)
     return (_m_bucket(bsz), c, h, w, n, *kernel_size, *stride, *padding, *dilation, fmt, str(x.dtype), has_bias)
 
 
@@ -332,9 +333,9 @@ def _sparse24_conv2d_op(
         )
         return candidates[choice]()
     if choice == "auto":
-        # CPU: dense conv (oneDNN) on a dense copy cached on the values tensor. Neither the reference
-        # (im2col + GEMM) nor a per-call expansion can match nn.Conv2d; the cached copy is within noise
-        # of it (benchmarks/results/sparse24_conv2d_cpu_auto.md).
+        # CPU: dense conv (oneDNN) on a dense copy cached per values tensor. Neither the im2col reference
+        # (1.4-9x of nn.Conv2d) nor expanding per call (1.1-1.8x) keeps up with nn.Conv2d; the cached
+        # copy costs nn.Conv2d plus ~25 us of op overhead (benchmarks/results/cpu/sparse24_conv2d_cpu_auto.md).
         return _dense(x, _cached_dense_conv_weight(values, meta, c, kernel_size), bias, stride, padding, dilation)
     if choice == "triton":
         return _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size)

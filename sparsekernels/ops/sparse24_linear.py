@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight
-from ._backend import interpreter_enabled, resolve_backend
+from ._backend import ENV_VAR, interpreter_enabled, resolve_backend
 
 __all__ = ["sparse24_linear", "sparse24_linear_reference", "expand_24"]
 
@@ -94,13 +94,6 @@ def sparse24_linear_reference(
 _DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
 
 
-def _version(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-        return None
-
-
 def _dense_copy(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
     """The dense weight for ``values``/``meta``, expanded once and kept while ``values`` lives.
 
@@ -108,7 +101,10 @@ def _dense_copy(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> t
     (``_version``) or re-pointed (``data_ptr``), e.g. by ``load_state_dict``.
     """
     key = id(values)
-    stamp = (values.data_ptr(), _version(values), meta.data_ptr(), _version(meta), values.dtype, values.device)
+    try:
+        stamp = (values.data_ptr(), values._version, meta.data_ptr(), meta._version, values.dtype, values.is_cpu)
+    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
+        stamp = (values.data_ptr(), None, meta.data_ptr(), None, values.dtype, values.is_cpu)
     hit = _DENSE_CACHE.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
@@ -281,11 +277,14 @@ def _choose_split_k(m: int, n: int, k: int, device: torch.device) -> int:
     """
     forced = os.environ.get(SPLIT_K_ENV_VAR)
     if forced:
-        return max(1, int(forced))
+        if not forced.isdigit() or int(forced) < 1:
+            raise ValueError(f"sparse24_linear(): expected {SPLIT_K_ENV_VAR} to be an integer >= 1, got {forced!r}")
+        return int(forced)
     if device.type != "cuda" or m > 64:
         return 1
     tiles = -(-n // 64) * -(-m // 16)
-    want = (2 * _sm_count(device.index or 0)) // max(tiles, 1)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    want = (2 * _sm_count(index)) // max(tiles, 1)
     return int(max(1, min(want, 8, k // 512)))
 
 
@@ -499,15 +498,27 @@ def sparse24_linear_tensors(
     fn: str = "sparse24_linear()",
 ) -> torch.Tensor:
     """:func:`sparse24_linear` on the raw compressed tensors (what ``SparseLinear`` stores)."""
+    if (
+        backend == "auto"
+        and isinstance(x, torch.Tensor)
+        and x.is_cpu
+        and x.dtype in SUPPORTED_DTYPES
+        and ENV_VAR not in os.environ
+        and not _is_compiling()
+    ):
+        # Eager CPU fast path. The full checks + backend resolution + custom-op dispatch cost ~25 us per
+        # call (a third of a 1024x1024 GEMV at M=1; more than a whole small layer). F.linear checks
+        # shapes, dtypes and devices itself; if it refuses, fall through to our checks for a clear error.
+        try:
+            return F.linear(x, _dense_copy(values, meta, in_features), bias)
+        except (RuntimeError, TypeError, ValueError):
+            pass
     check_linear_inputs(fn, x, values, meta, in_features, bias)
     backend = resolve_backend(fn, backend, x.device)
     if backend == "cusparselt":
         reason = cusparselt_unsupported_reason(x.device, x.dtype, values.shape[0], in_features)
         if reason is not None:
             raise ValueError(f"{fn}: backend 'cusparselt' cannot run this layer: {reason}")
-    if backend == "auto" and x.device.type == "cpu" and not _is_compiling():
-        # Eager CPU fast path: the custom-op dispatch alone costs ~20 us, a quarter of a 1024x1024 GEMV.
-        return F.linear(x, _dense_copy(values, meta, in_features), bias)
     return torch.ops.sparsekernels.sparse24_linear(x, values, meta, bias, in_features, backend)
 
 

@@ -5,7 +5,8 @@ Two measurements, both on the CPU:
 1. **Digits CNN** (scikit-learn's bundled handwritten digits, ``sparsekernels.bench.digits``): train the
    dense model once, then prune every eligible layer to 2:4 one-shot with each criterion (magnitude,
    taylor, wanda, sparsegpt), and fine-tune each pruned model briefly (reduced learning rate, 1/10 of the
-   training rate, distillation from the dense model). Test accuracy of each.
+   training rate, distillation from the dense model). Test accuracy of each. Then 80 % unstructured:
+   a uniform budget vs the sensitivity-allocated one, and one-shot + fine-tune vs gradual pruning.
 2. **Transformer-style model** (:class:`OutlierTransformer`: pre-LN attention + MLP blocks whose LayerNorm
    gains have a few large channels and whose inputs have outlier features and low-rank structure, as
    LLM activations do): prune every Linear to 2:4 one-shot; relative output error against the dense
@@ -198,7 +199,9 @@ def digits_quality(*, width=32, train_epochs=10, finetune_epochs=3, calib_batche
                 "finetune_seconds": finetune_s,
             }
         )
+    unstructured = _digits_unstructured(dense, data, calib_images, finetune_epochs, train_lr, seed, progress)
     return {
+        "unstructured": unstructured,
         "model": f"DigitsCNN(width={width})",
         "dataset": "scikit-learn digits (1797 8x8 images; 25% stratified test split)",
         "train_epochs": train_epochs,
@@ -208,6 +211,49 @@ def digits_quality(*, width=32, train_epochs=10, finetune_epochs=3, calib_batche
         "dense_accuracy": dense_acc,
         "dense_train_seconds": train_s,
         "rows": rows,
+    }
+
+
+def _digits_unstructured(dense, data, calib, finetune_epochs, train_lr, seed, progress, target=0.8) -> dict:
+    """Unstructured magnitude pruning at ``target``: a uniform budget vs the sensitivity-allocated one
+    (one-shot), then fine-tuning of the uniform one-shot model vs gradual (cubic) pruning during fine-tuning."""
+    import pruning
+    from sparsekernels.bench.digits import evaluate_accuracy
+
+    def eligible(name, module):  # the same layers 2:4 prunes: leave the 1-channel stem dense
+        return not (isinstance(module, nn.Conv2d) and module.in_channels == 1)
+
+    sens = pruning.sensitivity_analysis(
+        dense, calib, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95), filter_fn=eligible, progress=progress
+    )
+    allocation = sens.allocate(target)
+    rows = {}
+    uniform = copy.deepcopy(dense)
+    pruning.prune_weights(uniform, "unstructured", sparsity=target, filter_fn=eligible, progress=progress)
+    rows["uniform, one-shot"] = evaluate_accuracy(uniform, data)
+    allocated = copy.deepcopy(dense)
+    report = pruning.prune_weights(allocated, "unstructured", sparsity=allocation, progress=progress)
+    rows["sensitivity-allocated, one-shot"] = evaluate_accuracy(allocated, data)
+    allocated_sparsity = report.overall_sparsity
+    pruning.finetune(uniform, data.train_loader(64, seed=seed + 2), epochs=finetune_epochs, lr=train_lr / 10,
+                     teacher=dense, seed=seed, progress=progress)
+    rows["uniform, one-shot + fine-tune"] = evaluate_accuracy(uniform, data)
+    gradual = copy.deepcopy(dense)
+    loader = data.train_loader(64, seed=seed + 2)
+    steps = finetune_epochs * len(loader)
+    pruner = pruning.GradualPruner(gradual, target, total_steps=steps * 2 // 3, frequency=max(1, steps // 12),
+                                   filter_fn=eligible)
+    pruning.finetune(gradual, loader, epochs=finetune_epochs, lr=train_lr / 10, teacher=dense, seed=seed,
+                     pruner=pruner, progress=progress)
+    rows["gradual (cubic) during fine-tune"] = evaluate_accuracy(gradual, data)
+    return {
+        "target_sparsity": target,
+        "sensitivity_levels": list(sens.sparsities),
+        "sensitivity_curves": {k: list(v) for k, v in sens.curves.items()},
+        "allocation": allocation,
+        "allocated_overall_sparsity": allocated_sparsity,
+        "gradual_final_sparsity": pruner.reports[-1][1].overall_sparsity,
+        "accuracy": rows,
     }
 
 
@@ -243,6 +289,22 @@ def _markdown(result: dict) -> str:
             f"| {r['criterion']} | {r['overall_sparsity']:.3f} | {r['one_shot_accuracy']:.2f} | "
             f"{r['finetuned_accuracy']:.2f} | {r['finetuned_minus_dense']:+.2f} |"
         )
+    un = dg["unstructured"]
+    lines += [
+        "",
+        f"### Unstructured magnitude pruning at {un['target_sparsity']:.0%} of the same layers",
+        "",
+        "Sensitivity-allocated: `sensitivity_analysis` (output error at levels "
+        f"{', '.join(f'{v:g}' for v in un['sensitivity_levels'])}) then `allocate({un['target_sparsity']:g})` "
+        f"(achieved overall {un['allocated_overall_sparsity']:.4f}); per layer: "
+        + ", ".join(f"`{k}` {v:.3f}" for k, v in un["allocation"].items())
+        + f". Gradual: `GradualPruner` (cubic, final {un['gradual_final_sparsity']:.4f}) during the fine-tune.",
+        "",
+        "| variant | accuracy (%) |",
+        "|---|---|",
+    ]
+    for name, acc in un["accuracy"].items():
+        lines.append(f"| {name} | {acc:.2f} |")
     tf = result["transformer"]
     lines += [
         "",
@@ -275,7 +337,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smaller model, fewer epochs and seeds")
     parser.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results/<device>")
     parser.add_argument("--progress", action="store_true", help="show progress bars")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1: results do not depend on it, and a "
+        "shared machine runs one thread much faster than several oversubscribed ones)"
+    )
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     out_dir = args.out_dir or ROOT / "benchmarks" / "results" / device_slug("cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
 

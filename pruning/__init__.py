@@ -40,6 +40,16 @@ _EXPORTS = {
     "apply_plan": "pruning.plan",
     # analysis
     "sensitivity_analysis": "pruning.sensitivity",
+    # public types and criteria
+    "attach_mask_hooks": "pruning.training",
+    "LayerPruning": "pruning.weights",
+    "SkippedLayer": "pruning.weights",
+    "PruningPlan": "pruning.plan",
+    "SensitivityResult": "pruning.sensitivity",
+    "Magnitude": "pruning.importance",
+    "Taylor": "pruning.importance",
+    "Wanda": "pruning.importance",
+    "SparseGPT": "pruning.importance",
     # channel pruning
     "prune_channels": "pruning.channels",
     "ChannelPruningReport": "pruning.channels",

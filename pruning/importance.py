@@ -112,6 +112,8 @@ class SparseGPT(ImportanceCriterion):
 
     name = "sparsegpt"
     needs_calibration = True
+    # The paper's defaults (Frantar & Alistarh 2023, sec. 3.3 / 4); blocksize only trades speed for
+    # memory of the lazy updates, damp only matters for ill-conditioned Hessians.
     blocksize: int = 128
     damp: float = 0.01
     dtype: torch.dtype = torch.float64

@@ -207,7 +207,7 @@ def _check_reiterable(fn: str, calib, passes: str) -> None:
         )
 
 
-def _layer_sparsity(fn: str, name: str, sparsity, pat: Pattern):
+def _layer_sparsity(name: str, sparsity):
     """The budget for one layer, or ``None`` when a per-layer mapping leaves it out."""
     if isinstance(sparsity, Mapping):
         return sparsity.get(name)
@@ -218,7 +218,7 @@ def _validate_sparsity(fn: str, sparsity, pat: Pattern) -> None:
     def check_one(label, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{fn}: expected {label} as a float in [0, 1], got {type(value).__name__}")
-        if not 0.0 <= float(value) <= 1.0:
+        if not 0.0 <= float(value) <= 1.0:  # also rejects NaN
             raise ValueError(f"{fn}: expected 0 <= {label} <= 1, got {value}")
 
     if pat.kind == "nm":
@@ -450,7 +450,7 @@ def _score_based(model, selected, pat, sparsity, calib, loss_fn, crit, progress,
     else:
         masks = {}
         for name in tqdm(list(scores), desc="masks", disable=not progress, leave=False):
-            layer_sparsity = _layer_sparsity("prune_weights()", name, sparsity, pat)
+            layer_sparsity = _layer_sparsity(name, sparsity)
             masks[name] = _scores_to_mask(scores[name], pat, layer_sparsity, row_budget=isinstance(crit, Wanda))
     results = {}
     for name, mask in masks.items():
@@ -477,7 +477,7 @@ def _sparsegpt_all(model, selected, pat, sparsity, calib, crit: SparseGPT, progr
             skipped.append(SkippedLayer(name, type(module).__name__, "received no input during calibration (not called?)"))
             continue
         weight = module.weight.detach()
-        layer_sparsity = None if m else _layer_sparsity("prune_weights()", name, sparsity, pat)
+        layer_sparsity = None if m else _layer_sparsity(name, sparsity)
         new_matrix, keep_matrix = sparsegpt_prune(
             weight_matrix(weight),
             stats[name].hessian,

@@ -89,7 +89,8 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str
         The sparsekernels metadata written (a JSON-serialisable dict).
 
     Raises:
-        TypeError: ``model`` not an ``nn.Module``; ``metadata`` not a str -> str mapping.
+        TypeError: ``model`` not an ``nn.Module``; ``metadata`` not a str -> str mapping; a non-tensor
+            entry in the state dict (``get_extra_state``).
         ValueError: a tensor is on the meta device, or ``metadata`` uses the reserved key
             ``"sparsekernels"``.
     """
@@ -135,6 +136,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str
     by_identity: dict[tuple, str] = {}
     storages: set[int] = set()
     for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: expected only tensors in the state dict (safetensors stores nothing else), got "
+                            f"{type(t).__name__} at {name!r}")
         if t.device.type == "meta":
             raise ValueError(f"{fn}: expected materialised tensors, got {name!r} on the meta device")
         t = t.detach()

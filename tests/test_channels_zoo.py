@@ -7,6 +7,15 @@ torchvision = pytest.importorskip("torchvision")
 
 from pruning.channels import prune_channels  # noqa: E402
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # the suite shares a 2-core machine: intra-op threads only add contention at these tiny sizes
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 # smallest variant of every family; (constructor kwargs, input side)
 ZOO = {
     "resnet18": ({}, 64),

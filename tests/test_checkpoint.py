@@ -196,6 +196,16 @@ def test_save_errors(tmp_path):
     with pytest.raises(ValueError, match="meta device"):
         sk.save_sparse(nn.Linear(4, 4, device="meta"), tmp_path / "x")
 
+    class Extra(nn.Linear):
+        def get_extra_state(self):
+            return {"step": 3}
+
+        def set_extra_state(self, state):
+            pass
+
+    with pytest.raises(TypeError, match="only tensors.*dict at '_extra_state'"):
+        sk.save_sparse(Extra(4, 4), tmp_path / "x")
+
 
 def test_load_errors(tmp_path):
     path = _saved(tmp_path)

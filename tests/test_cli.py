@@ -260,7 +260,7 @@ def test_bench_models_tiny(tmp_path, capsys, monkeypatch):
 
     tiny = suites.SuiteSizes(resnet_batch=1, resnet_resolution=32, resnet_ratios=(0.3,), bert_layers=1, bert_seq=8,
                              bert_batches=(1,), llama_shapes=(("tiny 64->32", 64, 32),), llama_tokens=(1, 8),
-                             rounds=1, rep=1, resnet_arch="resnet18")
+                             rounds=1, rep=1, resnet_arch="squeezenet1_1", bert_vocab=1000)
     monkeypatch.setattr(suites, "suite_sizes", lambda device, quick: tiny)
     out = tmp_path / "b"
     code, stdout, err = _run(["bench", "models", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"],

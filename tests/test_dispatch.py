@@ -389,21 +389,49 @@ def test_resnet50_conv_shapes_from_the_model():
 
 
 def test_layer_suite_writes_stamped_results(tmp_path):
-    from sparsekernels.bench.layers import run_layer_suite
+    from sparsekernels.bench.layers import LayerRow, measure_layers, run_layer_suite
 
-    rows = run_layer_suite("cpu", suites=("bert-base",), tokens=(3,), dtypes=(torch.float32,), out_dir=tmp_path,
-                           progress=False, rep=2, rounds=1)
+    paths = run_layer_suite("cpu", suites=("bert-base",), tokens=(3,), dtype=torch.float32, out_dir=tmp_path,
+                            progress=False, rep=2, rounds=1)
+    assert paths == [tmp_path / "layers.json", tmp_path / "layers.md"]
+    data = json.loads(paths[0].read_text())
+    rows = [LayerRow(**r) for r in data["rows"]]
     assert {(r.layer, r.backend) for r in rows} == {
         (layer, b) for layer in ("768->768", "768->3072", "3072->768") for b in ("dense", "reference", "auto")
     }
     for r in rows:
         assert r.median_ms > 0 and (r.rel_err_vs_dense is None or r.rel_err_vs_dense < 1e-5)
         assert (r.choice is not None) == (r.backend == "auto")
-    data = json.loads((tmp_path / "cpu" / "layers.json").read_text())
     assert data["environment"]["torch"] == torch.__version__ and len(data["rows"]) == 9
     assert data["meta"]["auto_rows"] == 3
-    assert "vs dense" in (tmp_path / "cpu" / "layers.md").read_text()
+    assert "vs dense" in paths[1].read_text()
     with pytest.raises(ValueError, match="suites"):
-        run_layer_suite("cpu", suites=("gpt",), write=False)
+        measure_layers("cpu", suites=("gpt",))
     with pytest.raises(ValueError, match="rep >= 1"):
-        run_layer_suite("cpu", suites=("bert-base",), rep=0, write=False)
+        measure_layers("cpu", suites=("bert-base",), rep=0)
+    with pytest.raises(ValueError, match="dtype or dtypes"):
+        run_layer_suite("cpu", dtype=torch.float32, dtypes=(torch.float32,))
+
+
+def test_layer_suite_sections_and_budget():
+    from sparsekernels.bench.layers import layer_suite_sections, measure_layers
+
+    assert measure_layers("cpu", suites=("bert-base",), tokens=(1,), budget_s=0.0, progress=False) == []
+    sections = layer_suite_sections("cpu", dtype=torch.float32, quick=True, progress=False, budget_s=0.0)
+    assert sections == []
+
+
+def test_layer_suite_sections_shape(monkeypatch):
+    from sparsekernels.bench import layers
+
+    def fake_measure(device, *, suites, dtypes, **kw):
+        suite = f"{suites[0]}-linear" if suites[0] != "resnet50" else "resnet50-conv"
+        return [layers.LayerRow(suite, "8->8", 1, "float16", b, "triton" if b == "auto" else None, ms, 0.0, ms, ms,
+                                5, 1.0 / ms, 0.1, None) for b, ms in (("dense", 1.0), ("auto", 0.8))]
+
+    monkeypatch.setattr(layers, "measure_layers", fake_measure)
+    sections = layers.layer_suite_sections("cpu", dtype=torch.float16, progress=False)
+    assert [s["name"] for s in sections] == ["layers_llama_linear", "layers_bert_base_linear", "layers_resnet50_conv"]
+    for s in sections:
+        assert set(s) == {"name", "title", "rows", "columns", "notes"} and len(s["rows"]) == 2
+        assert "below 0.97x of dense: 0 of 1" in s["notes"] and "1.250x" in s["notes"]

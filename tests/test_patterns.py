@@ -178,3 +178,8 @@ def test_pattern_error_paths():
         block_mask(torch.randn(16, 16), (0, 16), 0.5)
     with pytest.raises(ValueError, match="block"):
         block_mask(torch.randn(16, 16), (16, 16, 1), 0.5)
+
+
+def test_global_masks_need_one_device():
+    with pytest.raises(ValueError, match="one device"):
+        global_unstructured_masks({"a": torch.randn(3), "b": torch.randn(3, device="meta")}, 0.5)

@@ -61,13 +61,14 @@ def test_curves_rank_and_allocation():
 def test_loss_metric_nm_and_wanda():
     torch.manual_seed(1)
     model = Net()
-    batches = [(x, torch.randint(0, 4, (8,))) for x in _calib()]
+    with torch.no_grad():  # the dense model's own predictions: pruning can only raise the loss much
+        batches = [(x, model(x).argmax(-1)) for x in _calib()]
 
     def loss_fn(m, b):
         return F.cross_entropy(m(b[0]), b[1])
 
     result = sensitivity_analysis(model, batches, loss_fn=loss_fn, importance="taylor", sparsities=(0.5, 0.9), progress=False)
-    assert result.metric == "loss_increase" and result.dense_loss > 0
+    assert result.metric == "loss_increase" and result.dense_loss >= 0
     assert result.curves["sensitive"][-1] > result.curves["robust"][-1]
     nm = sensitivity_analysis(model, _calib(), pattern="2:4", importance="wanda", progress=False)
     assert nm.sparsities == (0.5,) and nm.pattern == "2:4"

@@ -187,6 +187,6 @@ def test_sweep_argument_errors(tmp_path):
     from sparsekernels.bench import linear24
 
     with pytest.raises(ValueError, match=r"in_features to be a multiple of 4, got layer \(30, 8\)"):
-        linear24.run_linear24_sweep("cpu", layers=((30, 8),), write=False, progress=False)
+        linear24.run_linear24_sweep("cpu", layers=((30, 8),), out_dir=None, progress=False)
     with pytest.raises(ValueError, match=r"expected tokens >= 1, got \(0,\)"):
-        linear24.run_linear24_sweep("cpu", tokens=(0,), layers=((32, 8),), write=False, progress=False)
+        linear24.run_linear24_sweep("cpu", tokens=(0,), layers=((32, 8),), out_dir=None, progress=False)

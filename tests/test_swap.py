@@ -425,3 +425,31 @@ def test_explain_describes_conv_and_fixed_backend():
     rep = sk.explain(model, torch.randn(1, 8, 4, 4), print_report=False)
     (layer,) = rep.layers
     assert layer.shape == "8->4 k3x3 s2 p1 d1" and "fixed backend 'reference'" in layer.note
+
+
+@pytest.mark.interpreter
+def test_tune_through_the_real_op(isolated_cache, kernel_device, monkeypatch):
+    """SparseLinear -> sparse24_linear -> the dispatcher, end to end (on the CPU: the op's CUDA "auto"
+    branch driven through Triton's interpreter; a fake timer decides)."""
+    from sparsekernels.ops import sparse24_linear as op_module
+
+    if kernel_device.type == "cpu":
+        # route the CPU "auto" path (eager fast path and op body) to the op's dispatched CUDA branch
+        def no_cpu_copy(*args):
+            raise RuntimeError("CPU dense copy disabled in this test")
+
+        monkeypatch.setattr(op_module, "_dense_copy", no_cpu_copy)
+        monkeypatch.setattr(op_module, "_cpu_auto", op_module._dispatched)
+    model = mask_model_24(nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))).to(kernel_device).eval()
+    x = torch.randn(3, 16, device=kernel_device)
+    with torch.no_grad():
+        ref = model(x)
+    sk.sparsify(model)
+    dispatch.set_timer(lambda name, fn, device: {"triton": 0.5, "dense": 1.0}.get(name, 2.0))
+    report = sk.tune(model, x, progress=False)
+    assert [d.choice for l in report.layers for d in l.decisions] == ["triton", "triton"]
+    assert report.layers[0].decisions[0].key == '[4,12,16,"torch.float32",true]'
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+    text = str(report)
+    assert "triton ms" in text and "2.00x" in text

@@ -283,6 +283,7 @@ class DependencyGraph:
         self._parent: list[int] = []
         self._slot_space: list[int] = []
         self.spaces: list[str] = []          # name of each slot space
+        self._space_width: list[int] = []    # channels per slot (the head size for attention heads)
         self._frozen: dict[int, str] = {}    # slot -> reason
         self._state: dict[int, object] = {}  # id(tensor) -> _Lab | _PRef
         self._alive: list = []               # keep traced tensors alive so ids stay unique
@@ -299,9 +300,10 @@ class DependencyGraph:
         self._finalize()
 
     # ---------------------------------------------------------------- union-find
-    def _new(self, n: int, space: str) -> np.ndarray:
+    def _new(self, n: int, space: str, width: int = 1) -> np.ndarray:
         sid = len(self.spaces)
         self.spaces.append(space)
+        self._space_width.append(width)
         base = len(self._parent)
         self._parent.extend(range(base, base + n))
         self._slot_space.extend([sid] * n)
@@ -325,8 +327,8 @@ class DependencyGraph:
             if rx != ry:
                 self._parent[max(rx, ry)] = min(rx, ry)
 
-    def _freeze(self, labels, reason: str) -> None:
-        if self.strict:
+    def _freeze(self, labels, reason: str, unsupported: bool = True) -> None:
+        if self.strict and unsupported:
             raise TraceError(f"prune_channels(strict=True): {reason}")
         for s in np.asarray(labels).reshape(-1).tolist():
             self._frozen.setdefault(s, reason)
@@ -374,7 +376,7 @@ class DependencyGraph:
         for t in _flatten_tensors(out, []):
             st = self._state.get(id(t))
             if isinstance(st, _Lab):
-                self._freeze(st.labels, "model output: output shapes are kept")
+                self._freeze(st.labels, "model output: output shapes are kept", False)
         self.example_output_shapes = [tuple(t.shape) for t in _flatten_tensors(out, [])]
 
     def _pre_hook(self, name, module):
@@ -387,7 +389,7 @@ class DependencyGraph:
                 for t in _iter_tensors((args, kwargs)):
                     st = self._get(t)
                     if isinstance(st, _Lab):
-                        self._freeze(st.labels, f"{name}: {self.opaque[name]}")
+                        self._freeze(st.labels, f"{name}: {self.opaque[name]}", False)
             if spec is not None and not self._paused:
                 hidden = args[0] if args else kwargs.get("hidden_states", kwargs.get("query"))
                 self._paused.append((name, hidden, [] if spec == "bert" else None, spec, args, kwargs))
@@ -407,17 +409,16 @@ class DependencyGraph:
                     self._record_attention(name, module, top, output)
             if name in self.opaque:
                 start = self._opaque_start[name].pop()
-                self._freeze(np.arange(start, len(self._parent)), f"{name}: {self.opaque[name]}")
+                self._freeze(np.arange(start, len(self._parent)), f"{name}: {self.opaque[name]}", False)
                 for t in _iter_tensors(output):
                     st = self._get(t)
                     if isinstance(st, _Lab):
-                        self._freeze(st.labels, f"{name}: {self.opaque[name]}")
+                        self._freeze(st.labels, f"{name}: {self.opaque[name]}", False)
             if name in self.ignore:
                 for t in _iter_tensors(output):
                     st = self._state.get(id(t))
                     if isinstance(st, _Lab):
-                        for s in st.labels.reshape(-1).tolist():
-                            self._frozen.setdefault(s, f"{name}: listed in ignore")
+                        self._freeze(st.labels, f"{name}: listed in ignore", False)
             return None
 
         return hook
@@ -638,9 +639,10 @@ class DependencyGraph:
                 st = self._get(t)
                 if isinstance(st, _Lab):
                     self._freeze(st.labels, f"{name}: nn.MultiheadAttention derives its head size from the "
-                                            "embedding width, so its channels are kept")
+                                            "embedding width, so its channels are kept", False)
             for p in module.parameters(recurse=True):
-                self._unsafe_params.setdefault(self._param_names.get(id(p), ""), f"{name}: nn.MultiheadAttention")
+                self._unsafe_params.setdefault(self._param_names.get(id(p), ""),
+                                               (f"{name}: nn.MultiheadAttention", False))
             if isinstance(out_t, torch.Tensor):
                 self._set(out_t, None)
             return
@@ -660,7 +662,7 @@ class DependencyGraph:
                     self._attach(self._param_names[id(m.weight)], 1, sh.labels, "in")
             else:
                 self._freeze(sh.labels, f"{name}: attention input channels not in the last dim")
-        head_slots = self._new(heads, f"{name}:heads")
+        head_slots = self._new(heads, f"{name}:heads", hd)
         labels = np.repeat(head_slots, hd)
         for m in (q, k, v):
             self._attach(self._param_names[id(m.weight)], 0, labels, "out")
@@ -1067,8 +1069,9 @@ class DependencyGraph:
     # ---------------------------------------------------------------- results
     def _finalize(self) -> None:
         for pname, reason in self._unsafe_params.items():
+            reason, unsupported = reason if isinstance(reason, tuple) else (reason, True)
             for a in self.attachments.get(pname, []):
-                self._freeze(a.labels, f"{reason} (parameter {pname})")
+                self._freeze(a.labels, f"{reason} (parameter {pname})", unsupported)
         n = len(self._parent)
         roots = np.array([self.find(s) for s in range(n)], dtype=np.int64)
         self._roots = roots
@@ -1118,7 +1121,7 @@ class DependencyGraph:
             grp = self.groups[self.root_group[int(roots[slots[0]])]]
             grp.spaces.append(self.spaces[sp])
             if len(grp.spaces) == 1:
-                grp.unit_channels = max(1, len(slots) // len(grp.units))
+                grp.unit_channels = max(1, len(slots) * self._space_width[sp] // len(grp.units))
         for grp in self.groups:
             ps = set()
             for u in grp.units:

@@ -381,7 +381,7 @@ def prune_channels(
     ref_shapes = _shapes(ref_out)
     del ref_out
 
-    work = copy.deepcopy(model)
+    work = model  # never modified: every step prunes a fresh copy
     step_keep = 1.0 - (1.0 - ratio) ** (1.0 / steps)
     total_keep: dict = {}
     first_graph = None
@@ -389,7 +389,7 @@ def prune_channels(
     for step in range(steps):
         opaque: dict = {}
         for attempt in range(max_retries + 1):
-            trial = copy.deepcopy(work) if attempt < max_retries else work
+            trial = copy.deepcopy(work)
             graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
             scores = group_importance(trial, graph, importance, calib=calib, loss_fn=loss_fn, progress=progress)
             removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,

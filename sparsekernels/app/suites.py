@@ -67,6 +67,7 @@ class SuiteSizes:
     rounds: int
     rep: int
     resnet_arch: str = "resnet50"
+    bert_vocab: int = 30522
 
 
 def suite_sizes(device: torch.device | str, quick: bool) -> SuiteSizes:
@@ -319,7 +320,7 @@ def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False,
     except ImportError as e:
         row = {"model": "bert-base encoder", "variant": "dense", "status": f"failed: transformers missing ({e})"}
         return SuiteResult("bert", "BERT-base encoder", [row], MODEL_COLUMNS)
-    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=sizes.bert_vocab,
                         num_hidden_layers=sizes.bert_layers, max_position_embeddings=max(512, sizes.bert_seq))
 
     def build():

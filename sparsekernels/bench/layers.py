@@ -19,7 +19,9 @@ stamp (:mod:`sparsekernels.bench.report`).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -36,7 +38,9 @@ __all__ = [
     "CONV_BATCHES",
     "CPU_TOKENS",
     "QUICK_TOKENS",
+    "measure_layers",
     "run_layer_suite",
+    "layer_suite_sections",
 ]
 
 # (in_features, out_features) per suite
@@ -143,13 +147,16 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, **kw) -> dict[str, Timing]:
-    """Round-robin timing; per candidate the round with the middle median (a load burst on a shared
-    CPU then cannot land on one candidate only)."""
+    """Round-robin timing; per candidate the round with the lowest median.
+
+    Other processes on a shared CPU only ever add time, so the least-disturbed round is the best
+    estimate of a candidate's own cost, and interleaving gives every candidate the same chances.
+    """
     got: dict[str, list[Timing]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             got[name].append(time_fn(fn, device=device, **kw))
-    return {name: sorted(ts, key=lambda t: t.median_ms)[len(ts) // 2] for name, ts in got.items()}
+    return {name: min(ts, key=lambda t: t.median_ms) for name, ts in got.items()}
 
 
 def _auto_choice(fn: Callable[[], object], device: torch.device) -> Optional[str]:
@@ -188,7 +195,15 @@ def _rows(suite, layer, tokens, dtype, timings, errs, choice, flops) -> list[Lay
     ]
 
 
-def run_layer_suite(
+def _interleave(groups: list[list]) -> list:
+    """Round-robin over the suites, so a run cut short by its time budget still covers every suite."""
+    out = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
+
+
+def measure_layers(
     device: torch.device | str | None = None,
     *,
     quick: bool = False,
@@ -196,14 +211,12 @@ def run_layer_suite(
     dtypes: Optional[Sequence[torch.dtype]] = None,
     tokens: Optional[Sequence[int]] = None,
     conv_batches: Optional[Sequence[int]] = None,
-    out_dir: str | os.PathLike | None = None,
-    write: bool = True,
-    name: Optional[str] = None,
     progress: bool = True,
     rep: int = 20,
     rounds: Optional[int] = None,
+    budget_s: Optional[float] = None,
 ) -> list[LayerRow]:
-    """Time every layer of the suites: dense vs each backend vs the dispatched ``auto``.
+    """Time every layer of the suites: dense vs each backend vs the dispatched ``auto`` (no files written).
 
     Args:
         device: ``"cuda"`` or ``"cpu"``; default the GPU if there is one.
@@ -214,21 +227,20 @@ def run_layer_suite(
         dtypes: default float16 and bfloat16 on the GPU, float32 on the CPU.
         tokens: Linear token counts (default :data:`TOKENS` on the GPU, :data:`CPU_TOKENS` on the CPU).
         conv_batches: conv batch sizes (default :data:`CONV_BATCHES` on the GPU, 1 on the CPU).
-        out_dir: results root (default the checkout's ``benchmarks/results``); files go to
-            ``<out_dir>/<device_slug>/<name>.{json,md}``.
-        write: write the files (False: only return the rows).
-        name: file stem, default ``layers`` (``layers_quick`` when quick).
         progress: show a progress bar.
         rep: timed runs per measurement (at least; see :func:`~sparsekernels.bench.timing.time_fn`).
-        rounds: interleaved timing rounds per layer (default 1 on the GPU, 3 on the CPU).
+        rounds: interleaved timing rounds per layer, the lowest median kept (default 1 on the GPU, 5 on
+            the CPU).
+        budget_s: stop starting new layers after this many seconds (None: no limit). Layers are visited
+            round-robin over the suites, so a cut run still covers each suite.
 
     Returns:
         The measured rows (dense rows included, speedup 1.0).
 
     Raises:
-        ValueError: an unknown suite, or token counts / batch sizes < 1.
+        ValueError: an unknown suite, token counts / batch sizes < 1, ``rep`` or ``rounds`` < 1.
     """
-    fn = "run_layer_suite()"
+    fn = "measure_layers()"
     from ..formats.sparse24 import compress_24
     from ..ops.sparse24_conv2d import sparse24_conv2d
     from ..ops.sparse24_linear import cusparselt_unsupported_reason, sparse24_linear
@@ -251,26 +263,30 @@ def run_layer_suite(
         conv_batches = tuple(conv_batches or CPU_CONV_BATCHES)
     if min(tokens) < 1 or min(conv_batches) < 1:
         raise ValueError(f"{fn}: expected tokens and batch sizes >= 1, got {tokens} and {conv_batches}")
-    rounds = rounds if rounds is not None else (1 if on_gpu else 3)
+    rounds = rounds if rounds is not None else (1 if on_gpu else 5)
     if rep < 1 or rounds < 1:
         raise ValueError(f"{fn}: expected rep >= 1 and rounds >= 1, got rep={rep}, rounds={rounds}")
 
-    cases: list[tuple] = []
+    groups: list[list[tuple]] = []
     if "resnet50" in suites:
         shapes = resnet50_conv_shapes()
         if quick:
             shapes = shapes[: 4 if on_gpu else 2]
-        cases += [("resnet50-conv", s, b, dt) for s in shapes for b in conv_batches for dt in dtypes]
+        groups.append([("resnet50-conv", s, b, dt) for s in shapes for b in conv_batches for dt in dtypes])
     for suite in suites:
         if suite in LINEAR_SUITES:
             layers = LINEAR_SUITES[suite][: 2 if quick and not on_gpu else None]
-            cases += [(f"{suite}-linear", kn, m, dt) for kn in layers for m in tokens for dt in dtypes]
+            groups.append([(f"{suite}-linear", kn, m, dt) for m in tokens for kn in layers for dt in dtypes])
+    cases = _interleave(groups)
+    start = time.perf_counter()
 
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(0)
     rows: list[LayerRow] = []
     for suite, shape, count, dt in tqdm(cases, desc="layers", disable=not progress):
+        if budget_s is not None and time.perf_counter() - start > budget_s:
+            break
         if suite == "resnet50-conv":
             s: ConvShape = shape
             w = _random_24((s.out_channels, s.in_channels, *s.kernel_size), dt, device, gen)
@@ -310,10 +326,89 @@ def run_layer_suite(
         timings, errs, choice = _measure(fns, device, rounds, rep)
         rows += _rows(suite, layer, count, dt, timings, errs, choice, flops)
         del fns, w, w24, x
-
-    if write:
-        _write(rows, device, out_dir, name or ("layers_quick" if quick else "layers"))
     return rows
+
+
+def run_layer_suite(
+    device: torch.device | str | None = None,
+    *,
+    dtype: Optional[torch.dtype] = None,
+    quick: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    name: Optional[str] = None,
+    progress: bool = True,
+    **options,
+) -> list[Path]:
+    """Run :func:`measure_layers` and write ``<name>.json`` + ``<name>.md`` with the environment stamp.
+
+    Args:
+        device: ``"cuda"`` or ``"cpu"``; default the GPU if there is one.
+        dtype: one dtype to measure (shortcut for ``dtypes=(dtype,)``); default as :func:`measure_layers`.
+        quick: the smoke run of :func:`measure_layers`.
+        out_dir: the folder to write to (default ``benchmarks/results/<device_slug>/`` of the checkout).
+        name: file stem, default ``layers`` (``layers_quick`` when quick).
+        progress: show a progress bar.
+        **options: passed to :func:`measure_layers` (``suites``, ``dtypes``, ``tokens``, ``conv_batches``,
+            ``rep``, ``rounds``, ``budget_s``).
+
+    Returns:
+        The paths written: ``[json, markdown]``.
+
+    Raises:
+        ValueError / TypeError: as :func:`measure_layers`, or ``dtype`` together with ``dtypes``.
+    """
+    if dtype is not None:
+        if options.get("dtypes") is not None:
+            raise ValueError("run_layer_suite(): expected dtype or dtypes, got both")
+        options["dtypes"] = (dtype,)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = measure_layers(device, quick=quick, progress=progress, **options)
+    files = _write(rows, device, out_dir, name or ("layers_quick" if quick else "layers"))
+    return [files.json, files.markdown]
+
+
+# The GPU suite's step (``sparsekernels bench gpu``) plans ~90 s for this on an H100: fp16 only, LLaMA
+# and BERT-base Linears at 4 / 3 token counts, every ResNet-50 conv shape at batch 8, cut at budget_s.
+SECTION_TOKENS = {"llama": (1, 16, 128, 2048), "bert-base": (1, 128, 2048)}
+SECTION_CONV_BATCHES = (8,)
+
+
+def layer_suite_sections(
+    device: torch.device | str | None = None,
+    *,
+    dtype: torch.dtype = torch.float16,
+    quick: bool = False,
+    progress: bool = True,
+    budget_s: float = 80.0,
+) -> list[dict]:
+    """The per-layer suite as report sections (one per suite) for ``sparsekernels bench gpu``.
+
+    Each section is a dict with ``name``, ``title``, ``rows`` (dicts), ``columns`` and ``notes``. Not
+    written to disk here: the caller writes the sections it collects.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    per_suite_tokens = {} if quick else SECTION_TOKENS
+    rows: list[LayerRow] = []
+    t0 = time.perf_counter()
+    for suites in (("llama",), ("bert-base",), ("resnet50",)) if not quick else (("bert-base",), ("resnet50",)):
+        left = budget_s - (time.perf_counter() - t0)
+        if left <= 0:
+            break
+        tokens = per_suite_tokens.get(suites[0])
+        rows += measure_layers(device, quick=quick, suites=suites, dtypes=(dtype,), tokens=tokens,
+                               conv_batches=None if quick else SECTION_CONV_BATCHES, progress=progress,
+                               budget_s=left)
+    sections = []
+    for suite in dict.fromkeys(r.suite for r in rows):
+        suite_rows = [r for r in rows if r.suite == suite]
+        sections.append({
+            "name": f"layers_{suite.replace('-', '_')}",
+            "title": f"Per-layer suite: {suite} (dense vs backends vs dispatched, {str(dtype).replace('torch.', '')})",
+            "rows": [r.as_dict() for r in suite_rows],
+            "columns": list(_COLUMNS),
+            "notes": _notes(suite_rows, device),
+        })
+    return sections
 
 
 _COLUMNS = (
@@ -331,16 +426,14 @@ _COLUMNS = (
 )
 
 
-def _write(rows: list[LayerRow], device: torch.device, out_dir, stem: str):
-    from .report import results_dir, write_report
-
+def _notes(rows: list[LayerRow], device: torch.device) -> str:
     auto = [r for r in rows if r.backend == "auto"]
     worst = min(auto, key=lambda r: r.speedup_vs_dense) if auto else None
     notes = (
         "vs dense = dense median / this median (higher is better). `auto` is what a swapped model runs: on the "
         "GPU the dispatcher's measured choice (the `auto ran` column), on the CPU the dense copy cached per weight. "
         "Conv inputs are channels-last on the GPU; ResNet-50's 3-channel stem conv is not 2:4-convertible and is "
-        "left out. CPU timings are the middle of 3 interleaved rounds of warmed-up medians."
+        "left out. CPU timings: the lowest of several interleaved rounds' warmed-up medians."
     )
     if worst is not None:
         notes += (f" Slowest `auto` row: {worst.speedup_vs_dense:.3f}x of dense ({worst.suite} {worst.layer}, "
@@ -349,12 +442,26 @@ def _write(rows: list[LayerRow], device: torch.device, out_dir, stem: str):
     if device.type == "cpu" and load is not None:
         notes += (f" Host load average at the end of the run: {load[0]:.1f} on {os.cpu_count()} cores "
                   "(a shared machine's CPU timings are noisy when it exceeds the core count).")
+    if auto:
+        below = sum(r.speedup_vs_dense < 0.97 for r in auto)
+        notes += f" `auto` rows below 0.97x of dense: {below} of {len(auto)}."
+    return notes
+
+
+def _write(rows: list[LayerRow], device: torch.device, out_dir, stem: str):
+    from .report import results_dir, write_report
+
+    auto = [r for r in rows if r.backend == "auto"]
+    worst = min(auto, key=lambda r: r.speedup_vs_dense) if auto else None
+    notes = _notes(rows, device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = {
         "host_load_average": load,
         "min_auto_speedup_vs_dense": worst.speedup_vs_dense if worst else None,
         "auto_rows_below_0.97x": sum(r.speedup_vs_dense < 0.97 for r in auto),
         "auto_rows": len(auto),
     }
-    return write_report(stem, [r.as_dict() for r in rows], _COLUMNS, out_dir=results_dir(device, out_dir),
+    folder = results_dir(device) if out_dir is None else out_dir
+    return write_report(stem, [r.as_dict() for r in rows], _COLUMNS, out_dir=folder,
                         device=device, title="Per-layer suite: dense vs sparse backends vs dispatched", notes=notes,
                         meta=meta)

@@ -40,6 +40,7 @@ __all__ = [
     "cpu_design_study",
     "write_results",
     "results_dir_for",
+    "DEFAULT_RESULTS",
 ]
 
 TOKENS = (1, 4, 16, 64, 256, 2048, 8192)
@@ -51,6 +52,8 @@ CPU_TOKENS = (1, 16, 256)
 CPU_LAYERS = ((256, 256), (1024, 1024), (4096, 4096))
 CPU_QUICK_TOKENS = (1, 256)
 CPU_QUICK_LAYERS = ((1024, 1024),)
+# Default results root: resolved by the report writer to the checkout's benchmarks/results.
+DEFAULT_RESULTS = "<benchmarks/results>"
 # The CPU is usually shared: candidates are timed round-robin this many times (middle round kept).
 CPU_ROUNDS = 5
 
@@ -153,8 +156,7 @@ def run_linear24_sweep(
     tokens: Optional[Sequence[int]] = None,
     layers: Optional[Sequence[tuple[int, int]]] = None,
     dtypes: Optional[Sequence[torch.dtype]] = None,
-    out_dir: str | os.PathLike | None = None,
-    write: bool = True,
+    out_dir: str | os.PathLike | None = DEFAULT_RESULTS,
     name: Optional[str] = None,
     progress: bool = True,
 ) -> list[Linear24Row]:
@@ -165,9 +167,8 @@ def run_linear24_sweep(
         quick: small shapes (GPU: 1024x1024 and 1024->4096 at M in {1, 16, 256}; CPU: 1024x1024 at
             M in {1, 256}) for a smoke run. Full CPU grid: 256x256, 1024x1024, 4096x4096 at M in {1, 16, 256}.
         tokens, layers, dtypes: override the grid (layers as ``(in_features, out_features)``).
-        out_dir: results root (default: the checkout's ``benchmarks/results``); files go to
-            ``<out_dir>/<device_slug>/<name>.{json,md}``.
-        write: write the result files (False: only return the rows).
+        out_dir: results root, files go to ``<out_dir>/<device_slug>/<name>.{json,md}``; default
+            :data:`DEFAULT_RESULTS` (the checkout's ``benchmarks/results``); ``None``: write nothing.
         name: file stem, default ``linear24`` (``linear24_quick`` when quick).
         progress: show a tqdm progress bar.
 
@@ -259,7 +260,7 @@ def run_linear24_sweep(
             bar.update(1)
         del dense_w, w24, ss_weight
     bar.close()
-    if write:
+    if out_dir is not None:
         stem = name or ("linear24_quick" if quick else "linear24")
         write_results(rows, device, out_dir, stem, title="2:4 sparse Linear vs dense", failures=failures)
     return rows
@@ -269,8 +270,7 @@ def cpu_design_study(
     *,
     layers: Sequence[tuple[int, int]] = ((1024, 1024), (4096, 4096)),
     tokens: Sequence[int] = (1, 256),
-    out_dir: str | os.PathLike | None = None,
-    write: bool = True,
+    out_dir: str | os.PathLike | None = DEFAULT_RESULTS,
     progress: bool = True,
 ) -> list[Linear24Row]:
     """Measure the candidate CPU designs for a 2:4 Linear against dense ``F.linear`` (float32).
@@ -280,8 +280,8 @@ def cpu_design_study(
     (MKL CSR x dense) and, at M = 1, ``gather`` (gather ``x`` at the kept columns, multiply, sum); then the
     modules as users call them: ``sparse_linear`` (``SparseLinear``, ``backend="auto"``) against ``nn_linear``
     (``nn.Linear`` with the same weights and bias) -- for those two rows the speedup is over ``nn_linear``.
-    Writes ``cpu_design_study.{json,md}`` under ``<out_dir>/cpu/`` (default root: the checkout's
-    ``benchmarks/results``) when ``write``. Returns the rows.
+    Writes ``cpu_design_study.{json,md}`` under ``<out_dir>/cpu/`` (``out_dir`` as in
+    :func:`run_linear24_sweep`; ``None``: write nothing). Returns the rows.
     """
     from tqdm.auto import tqdm
 
@@ -339,7 +339,7 @@ def cpu_design_study(
                 )
             bar.update(1)
     bar.close()
-    if write:
+    if out_dir is not None:
         write_results(
             rows, device, out_dir, "cpu_design_study", title="2:4 Linear: CPU design candidates vs dense",
             extra_notes="Rows `nn_linear` and `sparse_linear` compare the modules: speedup and paired speedup of "
@@ -374,7 +374,7 @@ _NOTES = (
 def write_results(
     rows: Iterable[Linear24Row],
     device: torch.device | str,
-    out_dir: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
     stem: str,
     *,
     title: str,
@@ -385,13 +385,13 @@ def write_results(
 
     Uses the project's report writer (:func:`sparsekernels.bench.report.write_report`).
     """
-    from .report import results_dir, write_report
+    from .report import write_report
 
     files = write_report(
         stem,
         [r.as_dict() for r in rows],
         _COLUMNS,
-        out_dir=results_dir(device, out_dir),
+        out_dir=results_dir_for(device, out_dir),
         device=device,
         title=title,
         notes=_NOTES + (f"\n\n{extra_notes}" if extra_notes else "") + "".join(f"\n\nNot measured: {f}" for f in failures),
@@ -400,8 +400,8 @@ def write_results(
     return files.json, files.markdown
 
 
-def results_dir_for(device: torch.device | str, out_dir: str | os.PathLike | None = None) -> Path:
-    """Where :func:`write_results` puts files for ``device``: ``<out_dir or benchmarks/results>/<device_slug>``."""
+def results_dir_for(device: torch.device | str, out_dir: str | os.PathLike = DEFAULT_RESULTS) -> Path:
+    """Where :func:`write_results` puts files for ``device``: ``<out_dir>/<device_slug>``."""
     from .report import results_dir
 
-    return results_dir(device, out_dir)
+    return results_dir(device, None if out_dir == DEFAULT_RESULTS else out_dir)

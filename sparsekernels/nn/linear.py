@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight, compress_24
 from ..ops._backend import check_backend
-from ..ops.sparse24_linear import sparse24_linear_tensors
+from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_tensors
 
 __all__ = ["SparseLinear"]
 
@@ -152,6 +152,14 @@ class SparseLinear(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Hot path on the CPU: read the state straight from the module's dicts (nn.Module.__getattr__
+        # costs ~1.4 us per name, a tenth of a 256x256 layer at M=1).
+        params = self._parameters
+        y = cpu_fast_path(
+            x, params["weight_values"], self._buffers["weight_meta"], self.in_features, params["bias"], self.backend
+        )
+        if y is not None:
+            return y
         return sparse24_linear_tensors(
             x,
             self.weight_values,

@@ -201,9 +201,9 @@ def _weight(module: nn.Module) -> torch.Tensor | None:
 def _note(module: nn.Module, device: torch.device, backend: str, tuned: bool) -> str:
     if backend != "auto":
         return f"fixed backend {backend!r} (no dispatch)"
+    if tuned:
+        return "auto: the measured fastest candidate per bucket; dense kept unless beaten by more than noise"
     if device.type == "cuda":
-        if tuned:
-            return "auto on CUDA: the measured fastest candidate; dense kept unless beaten by more than noise"
         return "auto on CUDA: not measured yet; decided on first call, or run sparsekernels.tune(model, inputs)"
     if device.type == "meta":
         return "on the meta device: load weights first"

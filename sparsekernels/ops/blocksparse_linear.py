@@ -32,10 +32,10 @@ OP_NAME = "sparsekernels::block_sparse_linear"
 # On the CPU, "auto" runs the reference (one batched GEMM over the kept blocks) when the input has at
 # least CPU_AUTO_MIN_ROWS rows and at most CPU_AUTO_MAX_DENSITY of the blocks are kept, and F.linear on
 # a cached dense copy otherwise. Measured in benchmarks/results/cpu/blocksparse_cpu_auto.md (1024x1024
-# fp32, 1 thread of a 2-core EPYC, torch 2.14, 2026-11-25): at M=1 the block path is 0.45-0.83x of
-# nn.Linear at every density (the op's ~25 us of call overhead dominates a 0.08 ms GEMV); with up to
-# ~13 % of blocks kept it is 3.0-4.7x faster at M=32 and 3.4-7.2x at M=256; at ~25 % kept it still wins
-# at M=32 (2.0-2.3x) but fell to 0.44x at M=256 with 32x32 blocks (small-matrix bmm), so the cut is 12.5 %.
+# fp32, 1 thread of a shared 2-core EPYC, torch 2.14, 2026-11-25): at M=1 the block path is 0.44-0.81x
+# of nn.Linear at every density (call overhead dominates a 0.08 ms GEMV); with up to ~13 % of blocks
+# kept it is 2.4-29x faster at M=32 and M=256; at ~25 % kept it still wins at M=32 (~2x) but fell to
+# 0.58x at M=256 with 32x32 blocks (small-matrix bmm), so the cut is 12.5 %.
 CPU_AUTO_MAX_DENSITY = 0.125
 CPU_AUTO_MIN_ROWS = 16
 

@@ -334,8 +334,10 @@ def _sparse24_conv2d_op(
         return candidates[choice]()
     if choice == "auto":
         # CPU: dense conv (oneDNN) on a dense copy cached per values tensor. Neither the im2col reference
-        # (1.4-9x of nn.Conv2d) nor expanding per call (1.1-1.8x) keeps up with nn.Conv2d; the cached
-        # copy costs nn.Conv2d plus ~25 us of op overhead (benchmarks/results/cpu/sparse24_conv2d_cpu_auto.md).
+        # (1.5-7.9x of nn.Conv2d) nor expanding per call (1.07-1.77x) keeps up with nn.Conv2d; the cached
+        # copy costs nn.Conv2d plus ~25 us of op overhead: median ratio 1.00-1.09 on 11 of 12 ResNet-50
+        # shapes, 1.21 on one (noise: fastest-run ratio 0.96), shared 2-core EPYC, 2026-11-25
+        # (benchmarks/results/cpu/sparse24_conv2d_cpu_auto.md).
         return _dense(x, _cached_dense_conv_weight(values, meta, c, kernel_size), bias, stride, padding, dilation)
     if choice == "triton":
         return _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size)

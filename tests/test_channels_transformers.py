@@ -1,0 +1,90 @@
+"""Transformers: Hugging Face BERT (random init, no download) loses whole attention heads and MLP width and
+still equals the masked dense model; nn.MultiheadAttention's channels are kept with a reason."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pruning.channels import DependencyGraph, mask_channels, prune_channels
+from tolerances import assert_close_rel
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert():
+    cfg = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, vocab_size=97, max_position_embeddings=32,
+                                  attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.BertModel(cfg).eval()
+
+
+def test_bert_heads_and_mlp_pruned_equal_masked_float64():
+    model = tiny_bert().double()
+    original = copy.deepcopy(model)
+    ids = torch.randint(1, 97, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[0, 7:] = 0  # padding: the attention mask path must still work
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    pruned, report = prune_channels(model, inputs, ratio=0.5, return_report=True, progress=False)
+    sd, so = model.state_dict(), original.state_dict()
+    assert all(torch.equal(sd[k], so[k]) for k in sd)
+    for layer in pruned.encoder.layer:
+        att = layer.attention.self
+        assert att.num_attention_heads == 2 and att.all_head_size == 32
+        assert att.query.out_features == att.key.out_features == att.value.out_features == 32
+        assert layer.attention.output.dense.in_features == 32
+        assert layer.intermediate.dense.out_features == 64 and layer.output.dense.in_features == 64
+    # the residual stream ends in the model's output: kept
+    assert pruned.embeddings.word_embeddings.embedding_dim == 64
+    masked = mask_channels(model, report)
+    with torch.no_grad():
+        out = pruned(**inputs).last_hidden_state
+        ref = masked(**inputs).last_hidden_state
+        dense = model(**inputs).last_hidden_state
+    assert_close_rel(out, ref, torch.float32, factor=1e-6)
+    assert (out - dense).norm() > 1e-3 * dense.norm()
+    assert report.macs_after < report.macs_before
+
+
+def test_bert_heads_are_units():
+    g = DependencyGraph(tiny_bert(), {"input_ids": torch.randint(1, 97, (1, 5))})
+    att = next(a for a in g.attachments["encoder.layer.0.attention.self.query.weight"] if a.dim == 0)
+    grp = g.groups[g.root_group[int(g.root_of(att.labels)[0])]]
+    assert len(grp.units) == 4 and grp.unit_channels == 16 and grp.prunable
+    assert "encoder.layer.0.attention.output.dense.weight" in grp.params
+
+
+def test_bert_round_to_heads():
+    pruned = prune_channels(tiny_bert(), {"input_ids": torch.randint(1, 97, (2, 6))}, ratio=0.6, round_to=32,
+                            progress=False)
+    assert pruned.encoder.layer[0].attention.self.num_attention_heads == 2  # 2 heads x 16 = 32 channels
+    assert pruned.encoder.layer[0].intermediate.dense.out_features == 64  # 51.2 rounded to 64
+
+
+class MHABlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16))
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        x = x + self.mlp(x)
+        return self.out(x.mean(1))
+
+
+def test_multihead_attention_kept_with_reason_mlp_pruned():
+    model = MHABlock().eval().double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    pruned, report = prune_channels(model, x, ratio=0.5, return_report=True, progress=False)
+    assert pruned.attn.embed_dim == 16 and pruned.attn.num_heads == 4
+    assert pruned.mlp[0].out_features == 20 and pruned.mlp[2].in_features == 20
+    assert any("MultiheadAttention" in k for k in report.kept)
+    masked = mask_channels(model, report)
+    with torch.no_grad():
+        assert_close_rel(pruned(x), masked(x), torch.float32, factor=1e-6)

@@ -23,7 +23,7 @@ def test_model_suite(name, benchmark, bench_device, bench_dtype, bench_quick, re
     result = benchmark.pedantic(run, args=(bench_device, bench_dtype), kwargs={"quick": bench_quick, "progress": False},
                                 rounds=1, iterations=1)
     suite_results[name] = result
-    path = suites.write_suite(result, results_out, bench_device)
+    path = suites.write_suite(result, results_out, bench_device, suffix="_quick" if bench_quick else "")
     benchmark.extra_info["results"] = str(path)
     failed = [(r.get("variant") or r.get("layer"), r["status"]) for r in result.rows if r["status"].startswith("failed")]
     assert not failed, f"variants that could not be built or run: {failed}"
@@ -33,10 +33,11 @@ def test_model_suite(name, benchmark, bench_device, bench_dtype, bench_quick, re
             round(row["speedup"], 3))
 
 
-def test_model_suite_plots(suite_results, bench_device, results_out):
+def test_model_suite_plots(suite_results, bench_device, bench_quick, results_out):
     if not suite_results:
         pytest.skip("no suite ran in this session (select them together with this test)")
-    paths = suites.plot_suites(list(suite_results.values()), results_out, bench_device, prefix="models_")
+    paths = suites.plot_suites(list(suite_results.values()), results_out, bench_device, prefix="models_",
+                               suffix="_quick" if bench_quick else "")
     assert paths and all(p.stat().st_size > 10_000 for p in paths)
 
 

@@ -153,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_device(demo, "cpu")
     demo.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
-    demo.add_argument("--epochs", type=_positive_int, default=15, help="training epochs of the dense model (15)")
+    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs of the dense model (10)")
     demo.add_argument("--finetune-epochs", type=_positive_int, default=None,
-                      help="fine-tuning epochs after each pruning step (default: --epochs // 2, at least 1)")
+                      help="fine-tuning epochs after each pruning step (default: --epochs // 3, at least 1)")
     demo.add_argument("--width", type=_positive_int, default=32, help="first-stage channels of DigitsCNN (32)")
     demo.add_argument("--batch", type=_positive_int, default=256, help="batch size of the timed inference (256)")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed by filter pruning (0.5)")

@@ -14,6 +14,16 @@ if not HAS_CUDA:
 # The benchmark-backend override must never leak into the test-suite from the user's shell.
 os.environ.pop("SPARSEKERNELS_BACKEND", None)
 
+# Dispatcher decisions made by tests go to a throw-away tuning cache, never the user's ~/.cache.
+if "SPARSEKERNELS_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _cache_dir = tempfile.mkdtemp(prefix="sparsekernels-test-cache-")
+    os.environ["SPARSEKERNELS_CACHE_DIR"] = _cache_dir
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+
 
 @pytest.fixture
 def kernel_device() -> torch.device:

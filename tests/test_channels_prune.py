@@ -343,3 +343,22 @@ def test_dict_and_tuple_inputs():
     p1 = prune_channels(m, (x,), ratio=0.5, progress=False)
     p2 = prune_channels(m, {"x": x, "scale": 2.0}, ratio=0.5, progress=False)
     assert p1.a.out_features == p2.a.out_features == 5 and p1.b.in_features == 5
+
+
+def test_taylor_with_custom_loss_and_bn_scale_fallback():
+    model = randomize(PlainCNN())
+    x = torch.randn(2, 3, 12, 12)
+    calib = [torch.randn(2, 3, 12, 12) for _ in range(2)]
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(batch.shape)
+        return m(batch).pow(2).mean()
+
+    pruned = prune_channels(model, x, ratio=0.5, importance="taylor", calib=calib, loss_fn=loss_fn,
+                            progress=False)
+    assert len(calls) == 2 and pruned.features[0][0].out_channels == 6
+    assert all(p.grad is None for p in model.parameters())  # the input model saw no backward pass
+    # bn_scale: features.3 (a conv without BatchNorm) still gets pruned, by its weights' L1 norm
+    pruned = prune_channels(model, x, ratio=0.5, importance="bn_scale", progress=False)
+    assert pruned.features[3].out_channels == 8 and pruned.head[1].in_features == 8 * 9

@@ -88,3 +88,8 @@ def test_multihead_attention_kept_with_reason_mlp_pruned():
     masked = mask_channels(model, report)
     with torch.no_grad():
         assert_close_rel(pruned(x), masked(x), torch.float32, factor=1e-6)
+
+
+def test_multihead_attention_is_a_known_limit_not_a_strict_error():
+    g = DependencyGraph(MHABlock().eval(), torch.randn(2, 5, 6), strict=True)
+    assert any("MultiheadAttention" in r for r in g.frozen)

@@ -267,13 +267,13 @@ def test_bench_models_tiny(tmp_path, capsys, monkeypatch):
                              capsys)
     assert code == 0, err
     names = sorted(p.name for p in out.iterdir())
-    for stem in ("models_resnet50", "models_bert", "models_llama"):
-        assert f"{stem}.json" in names and f"{stem}.md" in names
-    assert "models_latency_vs_tokens.png" in names
-    llama = json.loads((out / "models_llama.json").read_text())["rows"]
+    for stem in ("models_resnet50", "models_bert", "models_llama"):  # --quick: a suffix, never the full names
+        assert f"{stem}_quick.json" in names and f"{stem}_quick.md" in names and f"{stem}.json" not in names
+    assert "models_latency_vs_tokens_quick.png" in names and "models_speedup_vs_sparsity_quick.png" in names
+    llama = json.loads((out / "models_llama_quick.json").read_text())["rows"]
     assert [r["tokens"] for r in llama] == [1, 8]
     assert all(r["status"] == "ok" and r["speedup"] > 0 and r["rel_err"] < 1e-5 for r in llama)
-    resnet = {r["variant"]: r for r in json.loads((out / "models_resnet50.json").read_text())["rows"]}
+    resnet = {r["variant"]: r for r in json.loads((out / "models_resnet50_quick.json").read_text())["rows"]}
     assert set(resnet) == {"dense", "filters -30%", "2:4", "filters -30% + 2:4"}
     for r in resnet.values():
         assert r["status"] == "ok" or "layers 2:4" in r["status"], r["status"]

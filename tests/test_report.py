@@ -110,13 +110,19 @@ def test_readme_section_matches_files(tmp_path):
     assert "old" not in text
     assert "#### Demo table" in text and "Source: `benchmarks/results/cpu/demo.json`" in text
     assert "| dense | 2.50 | 3 |" in text
-    assert "[`legacy.json`](benchmarks/results/cpu/legacy.json)" in text
+    assert "- [`legacy.json`](benchmarks/results/cpu/legacy.json)" in text
+    write_report("design_study", [{"name": "x"}], COLS, out_dir=root / "cpu", title="A side study")
+    update_readme(readme, root)
+    text = readme.read_text()
+    assert "- [`design_study.json`](benchmarks/results/cpu/design_study.json): A side study" in text
+    assert "#### A side study" not in text  # not a headline result: a link, not a table
     # idempotent, and --check sees it is current
     assert update_readme(readme, root) is False
     assert update_readme(readme, root, check=True) is False
     write_report("demo", [{"name": "dense", "ms": 9.0, "n": 3}], COLS, out_dir=root / "cpu", title="Demo table")
     assert update_readme(readme, root, check=True) is True
     assert "| dense | 2.50 | 3 |" in readme.read_text()  # check mode does not write
+    update_readme(readme, root)
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
@@ -212,8 +218,28 @@ def test_default_gpu_plan_fits_nine_minutes():
     from sparsekernels.app.gpu_suite import default_steps
 
     steps = default_steps()
-    assert [s.name for s in steps][:2] == ["kernels", "llama"]
+    assert [s.name for s in steps][:2] == ["kernels_fp16", "llama"]
     assert sum(1.15 * s.planned_s for s in steps) <= 540.0
+
+
+def test_gpu_suite_watchdog_interrupts_an_overrunning_step(tmp_path):
+    import time
+
+    from sparsekernels.app.gpu_suite import GpuStep, run_gpu_suite
+
+    def hangs(device, progress):
+        end = time.monotonic() + 20
+        while time.monotonic() < end:
+            time.sleep(0.05)
+
+    t0 = time.monotonic()
+    result = run_gpu_suite(tmp_path, device="cpu", budget_s=1.0, grace_s=0.5,
+                           steps=[GpuStep("hangs", 0.1, hangs), GpuStep("after", 0.1, hangs)],
+                           progress=False, stream=open("/dev/null", "w"))
+    assert time.monotonic() - t0 < 10
+    assert result.skipped["hangs"].startswith("failed: StepTimeout")
+    assert result.skipped["after"].startswith("skipped")
+    assert (tmp_path / "gpu_suite.json").is_file()
 
 
 def test_readme_renders_gpu_suite_sections(tmp_path):

@@ -10,7 +10,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsekernels as sk
-from sparsekernels.nn import swap
 from sparsekernels.ops import dispatch
 from tolerances import assert_close_rel
 

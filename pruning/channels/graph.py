@@ -23,7 +23,6 @@ is traced as one op whose units are whole heads.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,6 +169,9 @@ _POOL = {
 }
 _REDUCE = {"mean", "sum", "amax", "amin", "std", "var", "norm", "logsumexp", "prod"}
 _IGNORED_OUTPUT = {"__get__", "size", "dim", "numel", "__len__", "__bool__", "item", "tolist", "__format__"}
+_NEUTRAL = {"new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "zeros_like", "ones_like",
+            "empty_like", "full_like", "rand_like", "randn_like", "randint_like", "is_floating_point", "is_complex",
+            "get_device", "is_contiguous", "data_ptr", "element_size", "stride", "storage_offset"}
 _FACTORY = {"randn", "rand", "zeros", "ones", "empty", "full", "arange", "tensor", "zeros_like", "ones_like",
             "empty_like", "randn_like", "rand_like", "full_like", "linspace", "eye", "as_tensor"}
 
@@ -196,7 +198,7 @@ class _Tracer(TorchFunctionMode):
             g._record(func, args, kwargs, out)
         except TraceError:
             raise
-        except Exception as e:  # a bug in a rule must never corrupt pruning: freeze what the op touched
+        except Exception as e:  # noqa: BLE001  # a bug in a rule must never corrupt pruning: freeze what the op touched
             g._freeze_inputs(args, kwargs, f"internal error while tracing {_fname(func)}: {e!r}")
         return out
 
@@ -466,8 +468,8 @@ class DependencyGraph:
         tensors_in = list(_iter_tensors((args, kwargs)))
         states = [self._get(t) for t in tensors_in]
         where = self._where()
-        if name in _FACTORY and not any(states):
-            return
+        if name in _FACTORY or name in _NEUTRAL:
+            return  # a new tensor that only borrows dtype/device/shape: no channel flows into it
         if not any(states) and name not in ("conv1d", "conv2d", "conv3d", "linear", "embedding"):
             return  # nothing tracked flows through (e.g. masks built from the input)
         handler = getattr(self, "_op_" + name.strip("_"), None)
@@ -574,13 +576,9 @@ class DependencyGraph:
         return sx
 
     def _op_batch_norm_f(self, name, args, kwargs, out, where):
-        x = args[0]
-        if name == "instance_norm":
-            params = [_arg(args, kwargs, i, n) for i, n in
-                      ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-        else:
-            params = [_arg(args, kwargs, i, n) for i, n in
-                      ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+        x = args[0]  # F.batch_norm and F.instance_norm share the argument order
+        params = [_arg(args, kwargs, i, n) for i, n in
+                  ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
         self._set(out, self._norm_params(x, [p for p in params if p is not None], where, name))
 
     def _op_batch_norm_t(self, name, args, kwargs, out, where):
@@ -644,7 +642,14 @@ class DependencyGraph:
                 self._unsafe_params.setdefault(self._param_names.get(id(p), ""),
                                                (f"{name}: nn.MultiheadAttention", False))
             if isinstance(out_t, torch.Tensor):
-                self._set(out_t, None)
+                # fresh, kept slots: a residual add with the output then keeps the stream without a complaint
+                labels = self._new(out_t.shape[-1], f"{name}:mha")
+                self._freeze(labels, f"{name}: nn.MultiheadAttention derives its head size from the embedding "
+                                     "width, so its channels are kept", False)
+                self._set(out_t, _Lab(out_t.dim() - 1, labels))
+            for t in _iter_tensors(output):
+                if t is not out_t:
+                    self._set(t, None)
             return
         q, k, v = module.query, module.key, module.value
         ids = {id(w): x for x, w in linear_calls}

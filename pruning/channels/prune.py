@@ -160,8 +160,6 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
         elif isinstance(m, nn.GroupNorm):
             if m.weight is not None:
                 m.num_channels = m.weight.shape[0]
-            elif name in graph.layer_norms:
-                pass
             if name in graph.group_norms:
                 m.num_groups = m.num_channels // graph.group_norms[name]
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:

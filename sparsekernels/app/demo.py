@@ -37,7 +37,7 @@ class DemoConfig:
 
     Attributes:
         epochs: training epochs of the dense model.
-        finetune_epochs: fine-tuning epochs after each pruning step (None: ``max(1, epochs // 2)``).
+        finetune_epochs: fine-tuning epochs after each pruning step (None: ``max(1, epochs // 3)``).
         width: first-stage channels of DigitsCNN (then 2x and 4x).
         batch: batch size of the timed inference (the test images, repeated to fill it).
         channel_ratio: fraction of channels filter pruning removes.
@@ -50,7 +50,7 @@ class DemoConfig:
         rounds: interleaved timing rounds.
     """
 
-    epochs: int = 15
+    epochs: int = 10
     finetune_epochs: int | None = None
     width: int = 32
     batch: int = 256
@@ -74,7 +74,7 @@ class DemoConfig:
 
     @property
     def ft_epochs(self) -> int:
-        return self.finetune_epochs if self.finetune_epochs is not None else max(1, self.epochs // 2)
+        return self.finetune_epochs if self.finetune_epochs is not None else max(1, self.epochs // 3)
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,14 @@ def run_demo(
     started = time.perf_counter()
     steps = tqdm(total=6, desc="demo", disable=not progress)
 
+    stage_seconds: dict[str, float] = {}
+    last = [time.perf_counter(), None]
+
     def step(text: str) -> None:
+        now = time.perf_counter()
+        if last[1] is not None:
+            stage_seconds[last[1]] = now - last[0]
+        last[0], last[1] = now, text
         steps.set_postfix_str(text)
 
     try:
@@ -309,6 +316,7 @@ def run_demo(
             row.update(latency_ms=t.median_ms, iqr_ms=t.iqr_ms, p25_ms=t.p25_ms, p75_ms=t.p75_ms,
                        samples=t.n, speedup=dense_ms / t.median_ms)
         steps.update()
+        step("write")
     finally:
         steps.close()
 
@@ -330,7 +338,7 @@ def run_demo(
     _plot(plot_path, rows, title, env["device"])
     files = write_report(
         "demo", rows, DEMO_COLUMNS, out_dir=out, device=device, title=title, notes=notes,
-        meta={"config": asdict(config), "seconds": seconds}, plots=[plot_path], environment=env,
+        meta={"config": asdict(config), "seconds": seconds, "stage_seconds": stage_seconds}, plots=[plot_path], environment=env,
     )
     print(f"\n{title}\n{env['device']} · torch {env['torch']}\n", file=stream)
     print(markdown_table(rows, DEMO_COLUMNS), file=stream)

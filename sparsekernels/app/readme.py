@@ -5,10 +5,10 @@ Run from the repository root::
     python -m sparsekernels.app.readme            # rewrite the section between the markers
     python -m sparsekernels.app.readme --check    # exit 1 if the README is out of date
 
-Only the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` is touched. Every
-``sparsekernels.report/1`` JSON (and every section of a ``sparsekernels.suite/1`` JSON, the GPU suite) becomes
-a table with the file it came from and the device and versions that produced it; other result files are
-listed as links.
+Only the text between ``<!-- results:start -->`` and ``<!-- results:end -->`` is touched. Every headline
+result (:data:`HEADLINE`: a ``sparsekernels.report/1`` JSON, or each section of the GPU suite's
+``sparsekernels.suite/1`` JSON) becomes a table with the file it came from and the device and versions that
+produced it; every other result file is listed as a link with its title.
 """
 from __future__ import annotations
 
@@ -18,13 +18,29 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["START", "END", "render_results_section", "update_readme", "main"]
+__all__ = ["START", "END", "HEADLINE", "render_results_section", "update_readme", "main"]
 
 START = "<!-- results:start -->"
 END = "<!-- results:end -->"
 
-# Which tables come first on each device page; anything else follows alphabetically.
-_ORDER = ("demo", "gpu_suite", "models_resnet50", "models_bert", "models_llama", "kernels_linear24")
+# The headline results, shown as tables in this order; every other result file (design studies, quick
+# smoke runs, other formats) is listed as a link with its title, to keep the README readable.
+HEADLINE = (
+    "demo",
+    "gpu_suite",
+    "models_resnet50",
+    "models_bert",
+    "models_llama",
+    "models_resnet50_quick",
+    "models_bert_quick",
+    "models_llama_quick",
+    "channel_latency",
+    "pruning_quality",
+    "kernels_linear24",
+    "linear24",
+    "layers",
+)
+_ORDER = HEADLINE
 
 
 def _rank(stem: str) -> tuple:
@@ -64,8 +80,9 @@ def render_results_section(results_root: str | os.PathLike, repo_root: str | os.
         for path in sorted(folder.glob("*.json"), key=lambda p: _rank(p.stem)):
             data = _load(path)
             rel = path.relative_to(repo).as_posix() if path.is_relative_to(repo) else path.as_posix()
-            if data is None or data.get("schema") not in (SCHEMA, "sparsekernels.suite/1"):
-                others.append(rel)
+            if data is None or data.get("schema") not in (SCHEMA, "sparsekernels.suite/1") or path.stem not in HEADLINE:
+                title = (data or {}).get("title") if isinstance((data or {}).get("title"), str) else None
+                others.append((rel, title))
                 continue
             env = data.get("environment", {})
             sections = data["sections"] if data.get("schema") == "sparsekernels.suite/1" else [data]
@@ -90,7 +107,8 @@ def render_results_section(results_root: str | os.PathLike, repo_root: str | os.
         for t in tables:
             out += ["", t]
         if others:
-            out += ["", "Other result files: " + ", ".join(f"[`{Path(o).name}`]({o})" for o in others)]
+            out += ["", "More results:", ""]
+            out += [f"- [`{Path(o).name}`]({o})" + (f": {t}" if t else "") for o, t in others]
     return "\n".join(out)
 
 

@@ -430,23 +430,25 @@ def suite_plot_specs(results: list[SuiteResult]) -> dict[str, dict]:
     return specs
 
 
-def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device, prefix: str = "") -> list[Path]:
-    """Draw ``<prefix>latency_vs_tokens.png`` and ``<prefix>speedup_vs_sparsity.png`` (see
+def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device, prefix: str = "",
+                suffix: str = "") -> list[Path]:
+    """Draw ``<prefix>latency_vs_tokens<suffix>.png`` and ``<prefix>speedup_vs_sparsity<suffix>.png`` (see
     :func:`suite_plot_specs`) into ``out_dir``; returns the paths written."""
     from ..bench.environment import environment_stamp
     from ..bench.report import plot_lines
 
     sub = environment_stamp(device)["device"]
-    return [plot_lines(Path(out_dir) / f"{prefix}{stem}.png", subtitle=sub, **spec)
+    return [plot_lines(Path(out_dir) / f"{prefix}{stem}{suffix}.png", subtitle=sub, **spec)
             for stem, spec in suite_plot_specs(results).items()]
 
 
-def write_suite(result: SuiteResult, out_dir: str | os.PathLike, device: torch.device, plots=()) -> Path:
-    """Write one suite as ``<out_dir>/models_<name>.json|md``; returns the JSON path."""
+def write_suite(result: SuiteResult, out_dir: str | os.PathLike, device: torch.device, plots=(), *,
+                suffix: str = "") -> Path:
+    """Write one suite as ``<out_dir>/models_<name><suffix>.json|md``; returns the JSON path."""
     from ..bench.report import write_report
 
-    files = write_report(f"models_{result.name}", result.rows, result.columns, out_dir=out_dir, device=device,
-                         title=result.title, notes=result.notes, plots=plots)
+    files = write_report(f"models_{result.name}{suffix}", result.rows, result.columns, out_dir=out_dir,
+                         device=device, title=result.title, notes=result.notes, plots=plots)
     return files.json
 
 
@@ -459,7 +461,11 @@ def run_model_suites(
     progress: bool = True,
     names: tuple[str, ...] = ("resnet50", "bert", "llama"),
 ) -> list[Path]:
-    """Run the named suites, write each (JSON + Markdown) and the two plots to ``out_dir``; returns the paths."""
+    """Run the named suites, write each (JSON + Markdown) and the two plots to ``out_dir``; returns the paths.
+
+    Files are named ``models_<suite>.json|md``, ``models_latency_vs_tokens.png`` and
+    ``models_speedup_vs_sparsity.png``; with ``quick`` every name gets a ``_quick`` suffix, so a smoke run never
+    overwrites full-size results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     unknown = [n for n in names if n not in SUITES]
@@ -467,10 +473,11 @@ def run_model_suites(
         raise ValueError(f"run_model_suites(): expected suite names from {tuple(SUITES)}, got {unknown}")
     sizes = suite_sizes(device, quick)
     results = [SUITES[n](device, dtype, quick=quick, progress=progress, sizes=sizes) for n in names]
-    plots = plot_suites(results, out, device, prefix="models_")
+    suffix = "_quick" if quick else ""
+    plots = plot_suites(results, out, device, prefix="models_", suffix=suffix)
     paths = []
     for r in results:
         mine = [p for p in plots if ("latency" in p.name) == (r.name == "llama")]
-        paths.append(write_suite(r, out, device, plots=mine))
+        paths.append(write_suite(r, out, device, plots=mine, suffix=suffix))
     return paths + plots
 

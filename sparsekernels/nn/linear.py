@@ -8,7 +8,7 @@ from torch import nn
 
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight, compress_24
 from ..ops._backend import check_backend
-from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_tensors
+from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_checked
 
 __all__ = ["SparseLinear"]
 
@@ -160,7 +160,7 @@ class SparseLinear(nn.Module):
         )
         if y is not None:
             return y
-        return sparse24_linear_tensors(
+        return sparse24_linear_checked(
             x,
             self.weight_values,
             self.weight_meta,

@@ -17,7 +17,6 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 

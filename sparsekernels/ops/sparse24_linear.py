@@ -441,7 +441,10 @@ def _sparse24_linear_op(
     elif backend == "dense":
         y = F.linear(x2d, expand_24(values, meta, in_features), bias)
     elif backend == "cusparselt":
-        y = F.linear(x2d, _cusparselt_weight(values, meta, in_features), bias)
+        from .dispatch import cached  # CUDA only (checked at the boundary)
+
+        weight = cached(values, "sparse24_cusparselt", lambda: _cusparselt_weight(values, meta, in_features))
+        y = F.linear(x2d, weight, bias)
     elif x.device.type == "cuda":
         y = _dispatched(x2d, values, meta, bias, in_features)
     else:
@@ -501,6 +504,20 @@ def sparse24_linear_tensors(
     y = cpu_fast_path(x, values, meta, in_features, bias, backend)
     if y is not None:
         return y
+    return sparse24_linear_checked(x, values, meta, in_features, bias, backend=backend, fn=fn)
+
+
+def sparse24_linear_checked(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    in_features: int,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+    fn: str = "sparse24_linear()",
+) -> torch.Tensor:
+    """:func:`sparse24_linear_tensors` without the CPU fast path: full checks, backend resolution, custom op."""
     check_linear_inputs(fn, x, values, meta, in_features, bias)
     backend = resolve_backend(fn, backend, x.device)
     if backend == "cusparselt":
@@ -579,7 +596,12 @@ def sparse24_linear(
             environment), or ``"cusparselt"`` on an unsupported dtype / shape.
         RuntimeError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``; ``"cusparselt"`` off CUDA.
     """
-    fn = "sparse24_linear()"
     if not isinstance(w24, Sparse24Weight):
-        raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
-    return sparse24_linear_tensors(x, w24.values, w24.meta, w24.shape[1], bias, backend=backend, fn=fn)
+        raise TypeError(
+            f"sparse24_linear(): expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}"
+        )
+    values, meta, in_features = w24.values, w24.meta, w24.shape[1]
+    y = cpu_fast_path(x, values, meta, in_features, bias, backend)
+    if y is not None:
+        return y
+    return sparse24_linear_checked(x, values, meta, in_features, bias, backend=backend)

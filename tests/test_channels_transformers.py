@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from pruning.channels import DependencyGraph, mask_channels, prune_channels
+from pruning.channels.attention import PrunedMultiheadAttention
 from tolerances import assert_close_rel
 
 transformers = pytest.importorskip("transformers")
@@ -78,16 +79,65 @@ class MHABlock(nn.Module):
         return self.out(x.mean(1))
 
 
-def test_multihead_attention_kept_with_reason_mlp_pruned():
+def test_multihead_attention_heads_pruned_width_kept_equal_masked():
     model = MHABlock().eval().double()
     x = torch.randn(2, 5, 6, dtype=torch.float64)
     pruned, report = prune_channels(model, x, ratio=0.5, return_report=True, progress=False)
-    assert pruned.attn.embed_dim == 16 and pruned.attn.num_heads == 4
+    assert isinstance(pruned.attn, PrunedMultiheadAttention) and type(model.attn) is nn.MultiheadAttention
+    assert pruned.attn.embed_dim == 16 and pruned.attn.num_heads == 2 and pruned.attn.head_dim == 4
+    assert pruned.attn.in_proj_weight.shape == (24, 16) and pruned.attn.out_proj.in_features == 8
     assert pruned.mlp[0].out_features == 20 and pruned.mlp[2].in_features == 20
-    assert any("MultiheadAttention" in k for k in report.kept)
+    assert any("MultiheadAttention keeps its embedding width" in k for k in report.kept)
     masked = mask_channels(model, report)
     with torch.no_grad():
-        assert_close_rel(pruned(x), masked(x), torch.float32, factor=1e-6)
+        out, ref, dense = pruned(x), masked(x), model(x)
+    assert_close_rel(out, ref, torch.float32, factor=1e-6)
+    assert (out - dense).norm() > 1e-3 * dense.norm()
+
+
+@pytest.mark.parametrize("batch_first, separate_kdim", [(True, False), (False, True)])
+def test_pruned_mha_forward_matches_pytorch_when_nothing_is_removed(batch_first, separate_kdim):
+    torch.manual_seed(3)
+    kw = {"kdim": 7, "vdim": 5} if separate_kdim else {}
+    ref = nn.MultiheadAttention(12, 3, batch_first=batch_first, **kw).double().eval()
+    ours = copy.deepcopy(ref)
+    ours.__class__ = PrunedMultiheadAttention
+    L, S, N = 4, 6, 2
+    q = torch.randn((N, L, 12) if batch_first else (L, N, 12), dtype=torch.float64)
+    k = torch.randn((N, S, 7 if separate_kdim else 12) if batch_first else (S, N, 7 if separate_kdim else 12),
+                    dtype=torch.float64)
+    v = torch.randn((N, S, 5 if separate_kdim else 12) if batch_first else (S, N, 5 if separate_kdim else 12),
+                    dtype=torch.float64)
+    kpm = torch.zeros(N, S, dtype=torch.bool)
+    kpm[1, -2:] = True
+    am = torch.zeros(L, S, dtype=torch.bool)
+    am[0, 1] = am[2, 4] = True
+    for kwargs in ({}, {"key_padding_mask": kpm, "attn_mask": am}, {"average_attn_weights": False}):
+        with torch.no_grad():
+            o1, w1 = ref(q, k, v, **kwargs)
+            o2, w2 = ours(q, k, v, **kwargs)
+            o3, w3 = ours(q, k, v, need_weights=False, **kwargs)  # the fused path
+        assert_close_rel(o2, o1, torch.float32, factor=1e-6)
+        assert_close_rel(w2, w1, torch.float32, factor=1e-6)
+        assert_close_rel(o3, o1, torch.float32, factor=1e-6)
+        assert w3 is None
+    with torch.no_grad():  # unbatched
+        q1 = q[0] if batch_first else q[:, 0]
+        k1 = k[0] if batch_first else k[:, 0]
+        v1 = v[0] if batch_first else v[:, 0]
+        assert_close_rel(ours(q1, k1, v1)[0], ref(q1, k1, v1)[0], torch.float32, factor=1e-6)
+
+
+def test_mha_with_bias_kv_keeps_heads():
+    class B(MHABlock):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True, add_bias_kv=True)
+
+    pruned, report = prune_channels(B().eval(), torch.randn(2, 5, 6), ratio=0.5, return_report=True,
+                                    progress=False)
+    assert pruned.attn.num_heads == 4 and type(pruned.attn) is nn.MultiheadAttention
+    assert any("add_bias_kv" in k for k in report.kept)
 
 
 def test_multihead_attention_is_a_known_limit_not_a_strict_error():

@@ -63,5 +63,6 @@ def test_vision_transformer_mlp_pruned_attention_kept():
     pruned, report = prune_channels(model, x, ratio=0.5, return_report=True, progress=False)
     assert pruned(x).shape == (2, 10)
     assert pruned.encoder.layers[0].mlp[0].out_features == 32
-    assert pruned.encoder.layers[0].self_attention.embed_dim == 32
+    assert pruned.encoder.layers[0].self_attention.embed_dim == 32  # the residual width is kept
+    assert pruned.encoder.layers[0].self_attention.num_heads == 2  # half of the 4 heads
     assert any("MultiheadAttention" in k for k in report.kept)

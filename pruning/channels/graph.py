@@ -16,10 +16,10 @@ Anything the trace does not understand makes the slots it touches *frozen* (neve
 recorded; so an unknown op costs pruning opportunity, never correctness. Slots reaching the model's outputs
 are frozen, so output shapes never change.
 
-Attention: ``nn.MultiheadAttention`` derives its head size from the embedding width, so neither its heads
-nor its embedding width can shrink on their own: its channels are frozen (reported). Hugging Face
-BERT-style self-attention (``query`` / ``key`` / ``value`` Linear children and ``attention_head_size``)
-is traced as one op whose units are whole heads.
+Attention modules are traced as one op whose units are whole heads: Hugging Face BERT-style
+self-attention (``query`` / ``key`` / ``value`` Linear children and ``attention_head_size``) and
+``nn.MultiheadAttention`` (whose embedding width is kept, since PyTorch ties it to the q/k/v width; pruned
+instances become :class:`pruning.channels.attention.PrunedMultiheadAttention`).
 """
 from __future__ import annotations
 
@@ -632,24 +632,7 @@ class DependencyGraph:
         out_t = output[0] if isinstance(output, (tuple, list)) else output
         sh = self._get(hidden) if isinstance(hidden, torch.Tensor) else None
         if spec == "mha":
-            tensors = list(_iter_tensors((args, kwargs)))
-            for t in tensors:
-                st = self._get(t)
-                if isinstance(st, _Lab):
-                    self._freeze(st.labels, f"{name}: nn.MultiheadAttention derives its head size from the "
-                                            "embedding width, so its channels are kept", False)
-            for p in module.parameters(recurse=True):
-                self._unsafe_params.setdefault(self._param_names.get(id(p), ""),
-                                               (f"{name}: nn.MultiheadAttention", False))
-            if isinstance(out_t, torch.Tensor):
-                # fresh, kept slots: a residual add with the output then keeps the stream without a complaint
-                labels = self._new(out_t.shape[-1], f"{name}:mha")
-                self._freeze(labels, f"{name}: nn.MultiheadAttention derives its head size from the embedding "
-                                     "width, so its channels are kept", False)
-                self._set(out_t, _Lab(out_t.dim() - 1, labels))
-            for t in _iter_tensors(output):
-                if t is not out_t:
-                    self._set(t, None)
+            self._record_mha(name, module, args, kwargs, output, out_t)
             return
         q, k, v = module.query, module.key, module.value
         ids = {id(w): x for x, w in linear_calls}
@@ -678,6 +661,41 @@ class DependencyGraph:
         for t in _iter_tensors(output):
             if t is not out_t:
                 self._set(t, None)
+
+    def _record_mha(self, name, module, args, kwargs, output, out_t):
+        """``nn.MultiheadAttention``: its embedding width (inputs and outputs) is kept, because PyTorch's
+        module ties it to the head layout; its heads are units (q / k / v rows and out_proj columns)."""
+        from .attention import mha_supported
+
+        keep_reason = f"{name}: nn.MultiheadAttention keeps its embedding width (heads can be pruned)"
+        for t in _iter_tensors((args, kwargs)):
+            st = self._get(t)
+            if isinstance(st, _Lab):
+                self._freeze(st.labels, keep_reason, False)
+        if isinstance(out_t, torch.Tensor):
+            labels = self._new(out_t.shape[-1], f"{name}:mha_out")
+            self._freeze(labels, keep_reason, False)
+            self._set(out_t, _Lab(out_t.dim() - 1, labels))
+        for t in _iter_tensors(output):
+            if t is not out_t:
+                self._set(t, None)
+        why = mha_supported(module)
+        if why is not None:
+            self.frozen.append(f"{name}: {why}")
+            return
+        heads, hd = module.num_heads, module.head_dim
+        head_slots = self._new(heads, f"{name}:heads", hd)
+        labels = np.repeat(head_slots, hd)
+        pn = self._param_names
+        if module._qkv_same_embed_dim:
+            self._attach(pn[id(module.in_proj_weight)], 0, np.concatenate([labels] * 3), "out")
+        else:
+            for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+                self._attach(pn[id(w)], 0, labels, "out")
+        if module.in_proj_bias is not None:
+            self._attach(pn[id(module.in_proj_bias)], 0, np.concatenate([labels] * 3), "out")
+        self._attach(pn[id(module.out_proj.weight)], 1, labels, "in")
+        self.attention[name] = {"head_size": hd, "labels": labels, "kind": "mha"}
 
     # ---------------------------------------------------------------- elementwise
     def _op_unary(self, name, args, kwargs, out, where):

@@ -172,9 +172,16 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
         if name in graph.attention:
             info = graph.attention[name]
             kept = int((~rem[graph.root_of(info["labels"])]).sum()) // info["head_size"]
-            m.num_attention_heads = kept
-            if hasattr(m, "all_head_size"):
-                m.all_head_size = kept * info["head_size"]
+            if info.get("kind") == "mha":
+                if kept != m.num_heads:
+                    from .attention import PrunedMultiheadAttention
+
+                    m.__class__ = PrunedMultiheadAttention  # this instance only
+                    m.num_heads = kept
+            else:
+                m.num_attention_heads = kept
+                if hasattr(m, "all_head_size"):
+                    m.all_head_size = kept * info["head_size"]
     return keep
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .graph import normalize_inputs
 
@@ -108,6 +109,11 @@ class ChannelPruningReport:
         return self.summary()
 
 
+class _PassThrough(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (shared ones counted once)."""
     return sum(p.numel() for p in model.parameters())
@@ -125,7 +131,9 @@ def count_macs(model: nn.Module, example_inputs, *, return_output: bool = False)
     was = {n: m.training for n, m in model.named_modules()}
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        # the pass-through function mode turns off fused fast paths (nn.MultiheadAttention's
+        # _native_multi_head_attention) whose FLOPs the counter cannot see, so every model is counted alike
+        with torch.no_grad(), _PassThrough(), FlopCounterMode(display=False) as fc:
             output = model(*args, **kwargs)
     finally:
         for n, m in model.named_modules():

@@ -146,7 +146,8 @@ def run_bench(
     paths: list[Path] = []
     if which in ("kernels", "all"):
         dtypes = None if dtype in (None, "auto") else [dt]
-        paths += run_kernels(dev, dtypes, quick=quick, out_dir=out, progress=progress)[1]
+        paths += run_kernels(dev, dtypes, quick=quick, out_dir=out, progress=progress,
+                             stem="kernels_linear24_quick" if quick else "kernels_linear24")[1]
     if which in ("layers", "all"):
         paths += run_layers(dev, dt, quick=quick, out_dir=out, progress=progress)
     if which in ("models", "all"):

@@ -209,7 +209,7 @@ def run_demo(
     from ..bench.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
     from ..bench.environment import environment_stamp
     from ..bench.report import markdown_table, results_dir, write_report
-    from .measure import count_macs, nonzero_params, stored_bytes, time_interleaved
+    from .measure import count_macs, cpu_timing_threads, nonzero_params, stored_bytes, time_interleaved
 
     if not isinstance(config, DemoConfig):
         raise TypeError(f"run_demo(): expected a DemoConfig, got {type(config).__name__}")
@@ -300,16 +300,11 @@ def run_demo(
                     return m(x)
             return call
 
-        threads_before = torch.get_num_threads()
         timing_threads = config.threads if config.threads is not None else 1
-        if device.type == "cpu":
-            torch.set_num_threads(timing_threads)
-        try:
+        with cpu_timing_threads(device, timing_threads):
             env = environment_stamp(device)  # stamped while the timing's thread count is in force
             timings = time_interleaved({k: runner(m) for k, m in swapped.items()}, device=device,
                                        rounds=config.rounds, rep=5, progress=progress, desc="timing")
-        finally:
-            torch.set_num_threads(threads_before)
         dense_ms = timings["dense"].median_ms
         for name, row in zip(variants, rows):
             t = timings[name]

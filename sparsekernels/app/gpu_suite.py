@@ -14,10 +14,10 @@ Steps, most important first (planned seconds on an H100 in brackets):
 
 1. ``kernels_fp16`` -- the 2:4 Linear sweep (issue 2): LLaMA layers x tokens 1..8192, fp16 (90 s).
 2. ``llama``        -- LLaMA-sized projections through ``SparseLinear`` (the dispatcher), fp16 (60 s).
-3. ``resnet50``     -- ResNet-50 at batch 64, fp16: dense, filters at 3 ratios, 2:4, both (75 s).
-4. ``bert``         -- the BERT-base encoder at batch 1, 4, 16, 64, fp16 (60 s).
-5. ``kernels_bf16`` -- the 2:4 Linear sweep in bf16 (90 s).
-6. ``layers``       -- the per-layer dispatcher suite (issue 5), fp16, cut at 80 s by itself (90 s).
+3. ``layers``       -- the per-layer dispatcher suite (issue 5), fp16, cut at 80 s by itself (90 s).
+4. ``resnet50``     -- ResNet-50 at batch 64, fp16: dense, filters at 3 ratios, 2:4, both (75 s).
+5. ``bert``         -- the BERT-base encoder at batch 1, 4, 16, 64, fp16 (60 s).
+6. ``kernels_bf16`` -- the 2:4 Linear sweep in bf16 (90 s).
 
 The planned seconds are estimates (no H100 was lent while this was written): the planner and a watchdog keep
 the whole run inside the budget whatever a step really costs. A step that overruns what is left by more
@@ -161,10 +161,10 @@ def default_steps() -> list[GpuStep]:
     return [
         GpuStep("kernels_fp16", 90.0, _kernels_step(torch.float16)),
         GpuStep("llama", 60.0, _suite_step("llama")),
+        GpuStep("layers", 90.0, _step_layers),
         GpuStep("resnet50", 75.0, _suite_step("resnet50")),
         GpuStep("bert", 60.0, _suite_step("bert")),
         GpuStep("kernels_bf16", 90.0, _kernels_step(torch.bfloat16)),
-        GpuStep("layers", 90.0, _step_layers),
     ]
 
 

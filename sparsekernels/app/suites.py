@@ -37,6 +37,7 @@ __all__ = [
     "run_model_suites",
     "suite_plot_specs",
     "plot_suites",
+    "timing_stamp",
     "write_suite",
     "MODEL_COLUMNS",
     "LLAMA_COLUMNS",
@@ -68,15 +69,18 @@ class SuiteSizes:
     rep: int
     resnet_arch: str = "resnet50"
     bert_vocab: int = 30522
+    cpu_threads: int | None = 1
+    round_to: int | None = 8
 
 
 def suite_sizes(device: torch.device | str, quick: bool) -> SuiteSizes:
     """Sizes for ``device``: the full GPU sizes; CPU sizes that finish in minutes; ``quick``: about a minute
-    on a 2-core CPU (ResNet-50 at 64x64, a 2-layer encoder, projections shrunk 8x)."""
+    on a 2-core CPU (ResNet-50 at 64x64, a 2-layer encoder with an 8192-token vocabulary, projections shrunk
+    8x)."""
     device = torch.device(device)
     if quick:
         small = tuple((f"{n.split()[0]} /8 {i // 8}->{o // 8}", i // 8, o // 8) for n, i, o in LLAMA_SHAPES)
-        return SuiteSizes(2, 64, (0.3,), 2, 32, (1, 4), small, (1, 16, 256), 3, 3)
+        return SuiteSizes(2, 64, (0.3,), 2, 32, (1, 4), small, (1, 16, 256), 5, 3, bert_vocab=8192)
     if device.type == "cuda":
         return SuiteSizes(64, 224, (0.2, 0.3, 0.5), 12, 128, (1, 4, 16, 64), LLAMA_SHAPES,
                           (1, 4, 16, 512, 2048, 8192), 5, 10)
@@ -133,6 +137,14 @@ LLAMA_COLUMNS = (
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def _timing_note(device: torch.device, sizes: SuiteSizes) -> str:
+    """How the rows were timed (the report's device line shows torch's default thread count)."""
+    how = f"median of {sizes.rounds} interleaved rounds of {sizes.rep} calls (sparsekernels.bench.timing.time_fn)"
+    if torch.device(device).type == "cpu" and sizes.cpu_threads is not None:
+        how += f", {sizes.cpu_threads} CPU thread(s) while timing"
+    return f" Timing: {how}."
+
+
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
@@ -181,16 +193,23 @@ def _prune_24_masked(model: nn.Module) -> nn.Module:
     return model
 
 
-def _prune_filters(model: nn.Module, example, ratio: float) -> nn.Module:
+def _prune_filters(model: nn.Module, example, ratio: float, round_to: int | None) -> nn.Module:
     import pruning
 
-    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1", progress=False)
+    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1", round_to=round_to, progress=False)
     return result[0] if isinstance(result, tuple) else result
 
 
 def _batch_of(example) -> int:
     t = next(iter(example.values())) if isinstance(example, dict) else example
     return int(t.shape[0])
+
+
+def _first_sample(example):
+    """The first sample of a batch (tensor or dict of tensors), batch dimension kept."""
+    if isinstance(example, dict):
+        return {k: v[:1] for k, v in example.items()}
+    return example[:1]
 
 
 def _to_device(example, device: torch.device, dtype: torch.dtype):
@@ -213,19 +232,20 @@ def _model_rows(
     """Build each variant once (``(label, kind, ratio)`` with kind ``dense|filters|2:4|filters+2:4``), then, for
     every example (one per batch size), time all variants interleaved. Returns one row per (batch, variant).
 
-    Pruning and MAC counting run on the CPU in float32 with the first example; the models are then moved to
-    ``device`` / ``dtype`` and the 2:4 ones swapped with ``sparsekernels.sparsify``.
+    Pruning and MAC counting run on the CPU in float32 with one sample of the first example (FLOPs scale with
+    the batch); the models are then moved to ``device`` / ``dtype`` and the 2:4 ones swapped with
+    ``sparsekernels.sparsify``.
     """
     import sparsekernels
 
-    from .measure import count_macs, device_peak, roofline_columns, stored_bytes, time_interleaved
+    from .measure import count_macs, cpu_timing_threads, device_peak, roofline_columns, stored_bytes, time_interleaved
 
     peak = device_peak(device)
     first = examples[0]
-    first_batch = _batch_of(first)
+    probe = _first_sample(first)
     torch.manual_seed(0)
     base = build().eval()
-    base_macs = count_macs(base, first)
+    base_macs = count_macs(base, probe)
     filtered: dict[float, tuple[nn.Module, object]] = {}
     models: dict[str, nn.Module] = {}
     info: dict[str, dict] = {}
@@ -234,15 +254,15 @@ def _model_rows(
         try:
             if kind in ("filters", "filters+2:4"):
                 if ratio not in filtered:  # prune_channels returns a new model and leaves base untouched
-                    fm = _prune_filters(base, first, ratio).eval()
-                    filtered[ratio] = (fm, count_macs(fm, first))
+                    fm = _prune_filters(base, probe, ratio, sizes.round_to).eval()
+                    filtered[ratio] = (fm, count_macs(fm, probe))
                 m, macs = copy.deepcopy(filtered[ratio][0]), filtered[ratio][1]
             else:
                 m, macs = copy.deepcopy(base), base_macs
-            meta["flops_per_sample"] = 2.0 * macs.total / first_batch
+            meta["flops_per_sample"] = 2.0 * macs.total
             if kind in ("2:4", "filters+2:4"):
                 _prune_24_masked(m)
-                macs = count_macs(m, first)
+                macs = count_macs(m, probe)
             meta["mac_ratio"] = macs.effective / base_macs.total
             m = m.to(device=device, dtype=dtype).eval()
             if kind in ("2:4", "filters+2:4"):
@@ -271,9 +291,10 @@ def _model_rows(
         x = _to_device(example, device, dtype)
         timings = {}
         if models:
-            timings = time_interleaved({k: runner(m, x) for k, m in models.items()}, device=device,
-                                       rounds=sizes.rounds, rep=sizes.rep, progress=progress,
-                                       desc=f"{model_name} b{batch}")
+            with cpu_timing_threads(device, sizes.cpu_threads):
+                timings = time_interleaved({k: runner(m, x) for k, m in models.items()}, device=device,
+                                           rounds=sizes.rounds, rep=sizes.rep, progress=progress,
+                                           desc=f"{model_name} b{batch}")
         dense_ms = timings["dense"].median_ms if "dense" in timings else None
         for label, _, _ in variants:
             meta = info[label]
@@ -307,8 +328,9 @@ def resnet50_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = Fa
     rows = _model_rows(f"{sizes.resnet_arch} {res}px", lambda: torchvision.models.get_model(sizes.resnet_arch),
                        [example], variants, device=device, dtype=dtype, sizes=sizes, progress=progress)
     return SuiteResult("resnet50", f"{sizes.resnet_arch} (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
-                       notes="Filter ratios are fractions of channels removed (pruning.prune_channels, L1); "
-                       "MACs / dense counts non-zero-weight MACs (torch.utils.flop_counter).")
+                       notes="Filter ratios are fractions of channels removed (pruning.prune_channels, L1, "
+                       f"round_to={sizes.round_to}); MACs / dense counts non-zero-weight MACs (torch.utils.flop_counter)."
+                       + _timing_note(device, sizes))
 
 
 def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
@@ -335,7 +357,7 @@ def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False,
     return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert_layers} layers, hidden 768, 12 heads, FFN 3072,"
                        f" seq {sizes.bert_seq}, random init)", rows, MODEL_COLUMNS,
                        notes="filters -30%: attention heads and FFN width pruned by pruning.prune_channels; "
-                       "2:4: every encoder Linear.")
+                       "2:4: every encoder Linear." + _timing_note(device, sizes))
 
 
 def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
@@ -345,7 +367,7 @@ def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False
     from tqdm.auto import tqdm
 
     from ..nn.linear import SparseLinear
-    from .measure import device_peak, roofline_columns, stored_bytes, time_interleaved
+    from .measure import cpu_timing_threads, device_peak, roofline_columns, stored_bytes, time_interleaved
 
     sizes = sizes or suite_sizes(device, quick)
     peak = device_peak(device)
@@ -374,8 +396,9 @@ def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False
                             return m(x)
                     return call
 
-                t = time_interleaved({"dense": run(dense), "2:4": run(sparse)}, device=device, rounds=sizes.rounds,
-                                     rep=sizes.rep, progress=False)
+                with cpu_timing_threads(device, sizes.cpu_threads):
+                    t = time_interleaved({"dense": run(dense), "2:4": run(sparse)}, device=device,
+                                         rounds=sizes.rounds, rep=sizes.rep, progress=False)
                 flops = 2.0 * tokens * k * n
                 io = tokens * (k + n) * elt
                 row.update(dense_ms=t["dense"].median_ms, latency_ms=t["2:4"].median_ms, iqr_ms=t["2:4"].iqr_ms,
@@ -388,7 +411,7 @@ def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False
         del dense, sparse
     return SuiteResult("llama", "LLaMA-3-8B-sized projections, dense nn.Linear vs 2:4 SparseLinear", rows,
                        LLAMA_COLUMNS, notes="TFLOP/s, GB/s and % roofline are the 2:4 layer's (dense-equivalent "
-                       "FLOPs; bytes = compressed weight + activations).")
+                       "FLOPs; bytes = compressed weight + activations)." + _timing_note(device, sizes))
 
 
 SUITES = {"resnet50": resnet50_suite, "bert": bert_suite, "llama": llama_suite}
@@ -430,25 +453,36 @@ def suite_plot_specs(results: list[SuiteResult]) -> dict[str, dict]:
     return specs
 
 
-def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device, prefix: str = "",
-                suffix: str = "") -> list[Path]:
-    """Draw ``<prefix>latency_vs_tokens<suffix>.png`` and ``<prefix>speedup_vs_sparsity<suffix>.png`` (see
-    :func:`suite_plot_specs`) into ``out_dir``; returns the paths written."""
+def timing_stamp(device: torch.device, threads: int | None = 1) -> dict:
+    """The environment stamp as it was while timing: on the CPU with the suites' timing thread count."""
     from ..bench.environment import environment_stamp
+    from .measure import cpu_timing_threads
+
+    with cpu_timing_threads(device, threads):
+        return environment_stamp(device)
+
+
+def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device, prefix: str = "",
+                suffix: str = "", threads: int | None = 1) -> list[Path]:
+    """Draw ``<prefix>latency_vs_tokens<suffix>.png`` and ``<prefix>speedup_vs_sparsity<suffix>.png`` (see
+    :func:`suite_plot_specs`) into ``out_dir``; returns the paths written. ``threads``: the CPU timing thread
+    count, shown in the subtitle."""
     from ..bench.report import plot_lines
 
-    sub = environment_stamp(device)["device"]
+    sub = timing_stamp(device, threads)["device"]
     return [plot_lines(Path(out_dir) / f"{prefix}{stem}{suffix}.png", subtitle=sub, **spec)
             for stem, spec in suite_plot_specs(results).items()]
 
 
 def write_suite(result: SuiteResult, out_dir: str | os.PathLike, device: torch.device, plots=(), *,
-                suffix: str = "") -> Path:
-    """Write one suite as ``<out_dir>/models_<name><suffix>.json|md``; returns the JSON path."""
+                suffix: str = "", threads: int | None = 1) -> Path:
+    """Write one suite as ``<out_dir>/models_<name><suffix>.json|md`` (stamped with the CPU timing thread
+    count ``threads``); returns the JSON path."""
     from ..bench.report import write_report
 
     files = write_report(f"models_{result.name}{suffix}", result.rows, result.columns, out_dir=out_dir,
-                         device=device, title=result.title, notes=result.notes, plots=plots)
+                         device=device, title=result.title, notes=result.notes, plots=plots,
+                         environment=timing_stamp(device, threads))
     return files.json
 
 
@@ -474,10 +508,10 @@ def run_model_suites(
     sizes = suite_sizes(device, quick)
     results = [SUITES[n](device, dtype, quick=quick, progress=progress, sizes=sizes) for n in names]
     suffix = "_quick" if quick else ""
-    plots = plot_suites(results, out, device, prefix="models_", suffix=suffix)
+    plots = plot_suites(results, out, device, prefix="models_", suffix=suffix, threads=sizes.cpu_threads)
     paths = []
     for r in results:
         mine = [p for p in plots if ("latency" in p.name) == (r.name == "llama")]
-        paths.append(write_suite(r, out, device, plots=mine, suffix=suffix))
+        paths.append(write_suite(r, out, device, plots=mine, suffix=suffix, threads=sizes.cpu_threads))
     return paths + plots
 

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
     dense = torchvision.models.resnet50(weights=None).eval()
     probe = torch.randn(1, 3, args.size, args.size)
     t0 = time.perf_counter()
-    ratio, pruned, rep = find_ratio(dense, probe, args.target, round_to, 4 if args.quick else 10, progress)
+    ratio, pruned, rep = find_ratio(dense, probe, args.target, round_to, 6 if args.quick else 10, progress)
     search_s = time.perf_counter() - t0
     if progress:
         print(f"ratio {ratio:.4f}: MACs {rep.macs_before / 1e9:.2f} G -> {rep.macs_after / 1e9:.2f} G "

@@ -54,6 +54,9 @@ _EXPORTS = {
     "prune_channels": "pruning.channels",
     "ChannelPruningReport": "pruning.channels",
     "DependencyGraph": "pruning.channels",
+    "mask_channels": "pruning.channels",
+    "bn_scale_penalty": "pruning.channels",
+    "PrunedMultiheadAttention": "pruning.channels",
 }
 
 __all__ = ["__version__", *_EXPORTS]

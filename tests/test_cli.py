@@ -281,3 +281,15 @@ def test_bench_models_tiny(tmp_path, capsys, monkeypatch):
     assert resnet["filters -30%"]["mac_ratio"] < 1.0
     assert resnet["2:4"]["rel_err"] < 1e-4
     assert "wrote" in stdout
+
+
+def test_bench_kernels_wrapper_writes_report(tmp_path):
+    from sparsekernels.app.bench import run_kernels
+
+    rows, paths = run_kernels(torch.device("cpu"), None, quick=True, out_dir=tmp_path, progress=False,
+                              layers=((64, 32),), tokens=(1, 4))
+    assert {p.name for p in paths} == {"kernels_linear24.json", "kernels_linear24.md", "kernels_linear24_speedup.png"}
+    assert {r["tokens"] for r in rows} == {1, 4} and {r["backend"] for r in rows} >= {"dense"}
+    assert all(r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 and r["roofline_pct"] is None for r in rows)
+    data = json.loads((tmp_path / "kernels_linear24.json").read_text())
+    assert data["schema"] == "sparsekernels.report/1" and len(data["rows"]) == len(rows)

@@ -116,6 +116,13 @@ def test_readme_section_matches_files(tmp_path):
     text = readme.read_text()
     assert "- [`design_study.json`](benchmarks/results/cpu/design_study.json): A side study" in text
     assert "#### A side study" not in text  # not a headline result: a link, not a table
+    # a headline result in another format: its own Markdown page, headings demoted, links re-rooted
+    (root / "cpu" / "pruning_quality.json").write_text(json.dumps({"rows": [1]}))
+    (root / "cpu" / "pruning_quality.md").write_text("# Quality\n\n| a |\n|---|\n| 1 |\n\n![p](q.png)\n")
+    update_readme(readme, root)
+    text = readme.read_text()
+    assert "#### Quality" in text and "![p](benchmarks/results/cpu/q.png)" in text
+    assert "Source: `benchmarks/results/cpu/pruning_quality.json` (and `pruning_quality.md`)" in text
     # idempotent, and --check sees it is current
     assert update_readme(readme, root) is False
     assert update_readme(readme, root, check=True) is False
@@ -253,3 +260,40 @@ def test_readme_renders_gpu_suite_sections(tmp_path):
                   progress=False, stream=open("/dev/null", "w"), clock=clock)
     text = render_results_section(tmp_path / "benchmarks" / "results", tmp_path)
     assert "#### K" in text and "| 1 | 1.5 |" in text and "Not run: late: skipped" in text
+
+
+# ------------------------------------------------------------------------------------------ measurements
+
+
+def test_peak_table_and_roofline():
+    from sparsekernels.app.measure import peak_for_name, roofline_columns
+
+    assert peak_for_name("NVIDIA H100 80GB HBM3").name == "H100 SXM"
+    assert peak_for_name("NVIDIA H200").tbps == 4.8
+    assert peak_for_name("NVIDIA A100-SXM4-80GB").tflops_fp16 == 312.0
+    assert peak_for_name("Tesla T4") is None
+    h100 = peak_for_name("H100")
+    compute = roofline_columns(2e12, 1e9, 4.0, h100)          # intensity 2000 FLOP/B: compute-bound
+    assert compute["tflops"] == pytest.approx(500.0) and compute["gbps"] == pytest.approx(250.0)
+    assert compute["roofline_pct"] == pytest.approx(100 * 500 / 989)
+    memory = roofline_columns(1e9, 1e9, 1.0, h100)            # intensity 1 FLOP/B: bandwidth-bound
+    assert memory["roofline_pct"] == pytest.approx(100 * 1e12 / 3.35e12)
+    assert roofline_columns(1e9, 1e9, 1.0, None)["roofline_pct"] is None  # unknown device: no roofline
+
+
+def test_count_macs_nonzero_and_stored_bytes():
+    from torch import nn
+
+    from sparsekernels.app.measure import count_macs, nonzero_params, stored_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3, bias=False))
+    macs = count_macs(model, torch.randn(3, 8))
+    assert macs.total == 3 * (8 * 4 + 4 * 3) and macs.effective == macs.total
+    with torch.no_grad():
+        model[0].weight.view(4, 2, 4)[..., :2] = 0  # 2:4: half of the first layer's weights
+    macs = count_macs(model, torch.randn(3, 8))
+    assert macs.per_layer["0"] == (96, 48) and macs.effective == 48 + 36
+    assert nonzero_params(model) == 16 + 4 + 12
+    model[2].weight = model[0].weight[:3, :4]  # a shared storage is counted once
+    assert stored_bytes(model) == (32 + 4) * 4

@@ -59,6 +59,21 @@ def _load(path: Path):
     return data if isinstance(data, dict) else None
 
 
+def _demote(markdown: str, folder: Path, repo: Path) -> str:
+    """Push every heading of a result's own Markdown page below the README's (``#`` -> ``####``) and make its
+    relative image / file links relative to the repository root."""
+    import re
+
+    prefix = folder.relative_to(repo).as_posix() + "/" if folder.is_relative_to(repo) else ""
+    out = []
+    for line in markdown.strip().splitlines():
+        if line.startswith("#"):
+            line = "###" + line
+        line = re.sub(r"\]\((?!https?://|/|#)([^)]+)\)", lambda m: f"]({prefix}{m.group(1)})", line)
+        out.append(line)
+    return "\n".join(out)
+
+
 def render_results_section(results_root: str | os.PathLike, repo_root: str | os.PathLike) -> str:
     """Markdown for the README's results section from every result file under ``results_root``.
 
@@ -80,6 +95,16 @@ def render_results_section(results_root: str | os.PathLike, repo_root: str | os.
         for path in sorted(folder.glob("*.json"), key=lambda p: _rank(p.stem)):
             data = _load(path)
             rel = path.relative_to(repo).as_posix() if path.is_relative_to(repo) else path.as_posix()
+            md = path.with_suffix(".md")
+            if path.stem in HEADLINE and data is not None and data.get("schema") is None and md.is_file():
+                # a headline result in its own format: its Markdown page, headings demoted under ours
+                page = _demote(md.read_text(), folder, repo).split("\n", 1)
+                source = f"Source: `{rel}` (and `{md.name}`)"
+                if page[0].startswith("#"):  # the source goes under the page's title, like every other table
+                    tables.append(f"{page[0]}\n\n{source}\n" + (page[1] if len(page) > 1 else ""))
+                else:
+                    tables.append(f"{source}\n\n" + "\n".join(page))
+                continue
             if data is None or data.get("schema") not in (SCHEMA, "sparsekernels.suite/1") or path.stem not in HEADLINE:
                 title = (data or {}).get("title") if isinstance((data or {}).get("title"), str) else None
                 others.append((rel, title))

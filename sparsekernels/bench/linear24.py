@@ -268,7 +268,7 @@ def run_linear24_sweep(
 
 def cpu_design_study(
     *,
-    layers: Sequence[tuple[int, int]] = ((1024, 1024), (4096, 4096)),
+    layers: Sequence[tuple[int, int]] = ((256, 256), (1024, 1024), (4096, 4096)),
     tokens: Sequence[int] = (1, 256),
     out_dir: str | os.PathLike | None = DEFAULT_RESULTS,
     progress: bool = True,

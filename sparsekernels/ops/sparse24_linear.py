@@ -76,20 +76,22 @@ def sparse24_linear_reference(
 # A dense copy of the weight, cached per compressed-values tensor (the CPU "auto" path)
 # ----------------------------------------------------------------------------------------------------
 #
-# CPU design, measured on "AMD EPYC" (2 cores, 2 threads, torch 2.14.1, fp32, 2026-11-25, medians of
-# >= 30 runs; ms):
+# CPU design, measured 2026-11-25 on "AMD EPYC" (2 cores shared with other jobs, measured with 1 thread),
+# torch 2.14.1, fp32; median ms and, in brackets, the paired speedup over dense F.linear (median over
+# back-to-back call pairs); full table: benchmarks/results/cpu/cpu_design_study.md.
 #
-#     layer       M     dense F.linear   expand per call   cached dense copy   torch.sparse CSR   gather
-#     1024x1024     1        0.074            1.58               0.074              0.277          1.01
-#     1024x1024   256        2.98             7.71               2.96               8.45            -
-#     4096x4096     1        3.29           117.2                3.10              15.3           36.6
-#     4096x4096   256       52.5            178.8               51.8              247.3             -
+#     layer       M    dense    expand per call    cached dense copy   torch.sparse CSR   gather
+#     1024x1024     1  0.0725    2.02   (0.15x)    0.0787 (0.92x)      0.558 (0.26x)     2.1  (0.14x)
+#     1024x1024   256  5.70      7.88   (0.72x)    5.71   (1.00x)      15.2  (0.37x)       -
+#     4096x4096     1  3.32    185      (0.02x)    3.43   (1.00x)      29.5  (0.12x)    66.6  (0.05x)
+#     4096x4096   256  102     275      (0.35x)    103    (1.00x)      359   (0.29x)       -
 #
-# Only the cached dense copy stays within 1.1x of dense (it *is* the dense GEMM after one expansion);
-# expand-per-call pays an expansion that costs more than the GEMV itself at M=1 (35x), and MKL's CSR
-# and a gather formulation at 50 % density are 4-10x slower. So on the CPU "auto" expands once per
-# compressed tensor and keeps the dense copy beside it (memory: 1.5625x of the dense layer on the CPU;
-# the state_dict stays compressed). `sparsekernels.bench.linear24.cpu_design_study()` re-measures it.
+# Only the cached dense copy stays within 1.1x of dense: it *is* the dense GEMM once the copy exists
+# (the 1024x1024 M=1 gap is per-call Python work, ~1 us, and run-to-run noise of a few %). Expanding per
+# call costs more than the GEMV itself at M=1; MKL's CSR (int64 column per value: more bytes than dense
+# at 50 % density) and a gather formulation are 3-20x slower. So on the CPU "auto" expands once per
+# compressed tensor and keeps the dense copy beside it (memory: 1.53x of the dense fp32 layer; the
+# state_dict stays compressed). `sparsekernels.bench.linear24.cpu_design_study()` re-measures it.
 
 _DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
 

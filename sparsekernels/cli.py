@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "pruning, 2:4, both), fine-tune each, swap to the sparse runtime and time it against the dense model. "
         "Prints the table and writes it (JSON + Markdown) with a plot.",
     )
-    _add_device(demo, "cpu")
+    _add_device(demo, "auto")
     demo.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
     demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs of the dense model (10)")
     demo.add_argument("--finetune-epochs", type=_positive_int, default=None,

@@ -245,7 +245,7 @@ def test_demo_tiny(tmp_path, capsys):
     assert s24["macs"] < dense["macs"] and s24["weight_bytes"] < dense["weight_bytes"]
     assert both["weight_bytes"] < filt["weight_bytes"]
     assert s24["swapped"].split()[0] != "0"           # the 2:4 model really runs sparse layers
-    assert s24["accuracy_swapped"] == s24["accuracy"]  # measured after the swap
+    assert s24["accuracy"] == s24["accuracy_masked"]   # the swap keeps every prediction (CPU: exact)
     assert (out / "demo.md").read_text().count("\n|") >= 5
     png = (out / "demo.png").read_bytes()
     assert png[:4] == b"\x89PNG"

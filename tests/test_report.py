@@ -295,5 +295,7 @@ def test_count_macs_nonzero_and_stored_bytes():
     macs = count_macs(model, torch.randn(3, 8))
     assert macs.per_layer["0"] == (96, 48) and macs.effective == 48 + 36
     assert nonzero_params(model) == 16 + 4 + 12
-    model[2].weight = model[0].weight[:3, :4]  # a shared storage is counted once
-    assert stored_bytes(model) == (32 + 4) * 4
+    assert stored_bytes(model) == (32 + 4 + 12) * 4
+    tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
+    tied[1].weight = tied[0].weight  # tied weights are stored once
+    assert stored_bytes(tied) == 16 * 4

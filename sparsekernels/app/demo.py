@@ -182,7 +182,7 @@ def _plot(path: Path, rows: list[dict], title: str, subtitle: str) -> Path:
 def run_demo(
     config: DemoConfig = DemoConfig(),
     *,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = "auto",
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     stream=None,
@@ -214,7 +214,7 @@ def run_demo(
     if not isinstance(config, DemoConfig):
         raise TypeError(f"run_demo(): expected a DemoConfig, got {type(config).__name__}")
     stream = stream or sys.stdout
-    device = resolve_device(device if device is not None else "cpu")
+    device = resolve_device(device)
     out = Path(out_dir) if out_dir is not None else results_dir(device)
     started = time.perf_counter()
     steps = tqdm(total=6, desc="demo", disable=not progress)
@@ -282,7 +282,8 @@ def run_demo(
                 report = _swap(model)
                 row["swapped"] = f"{len(report.swapped)} of {len(report.swapped) + len(report.skipped)}"
                 row["skipped"] = {s.name: s.reason for s in report.skipped}
-                row["accuracy_swapped"] = evaluate_accuracy(model, data)
+                row["accuracy_masked"] = row["accuracy"]  # before the swap, dense modules with zeros
+                row["accuracy"] = evaluate_accuracy(model, data)  # what the table shows: the swapped model
             row["weight_bytes"] = stored_bytes(model)
             if name in ("dense", "filters"):
                 row.pop("skipped", None)  # nothing in them is 2:4 by design: no per-layer noise in the report

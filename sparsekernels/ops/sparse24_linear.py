@@ -80,18 +80,23 @@ def sparse24_linear_reference(
 # torch 2.14.1, fp32; median ms and, in brackets, the paired speedup over dense F.linear (median over
 # back-to-back call pairs); full table: benchmarks/results/cpu/cpu_design_study.md.
 #
-#     layer       M    dense    expand per call    cached dense copy   torch.sparse CSR   gather
-#     1024x1024     1  0.0725    2.02   (0.15x)    0.0787 (0.92x)      0.558 (0.26x)     2.1  (0.14x)
-#     1024x1024   256  5.70      7.88   (0.72x)    5.71   (1.00x)      15.2  (0.37x)       -
-#     4096x4096     1  3.32    185      (0.02x)    3.43   (1.00x)      29.5  (0.12x)    66.6  (0.05x)
-#     4096x4096   256  102     275      (0.35x)    103    (1.00x)      359   (0.29x)       -
+#     layer       M    dense     expand per call   cached dense copy   torch.sparse CSR   gather
+#     256x256       1  0.00623   0.117  (0.06x)    0.00718 (0.85x)     0.0391 (0.21x)    0.13 (0.07x)
+#     256x256     256  0.331     0.455  (0.72x)    0.334   (0.99x)     0.775  (0.43x)      -
+#     1024x1024     1  0.0742    1.33   (0.18x)    0.0779  (0.96x)     0.539  (0.17x)    2.01 (0.10x)
+#     1024x1024   256  5.83      7.62   (0.77x)    5.93    (1.01x)     16.7   (0.36x)      -
+#     4096x4096     1  3.18    139      (0.02x)    3.26    (1.00x)     20.5   (0.27x)   35.9  (0.07x)
+#     4096x4096   256  103     253      (0.41x)    104     (1.00x)     334    (0.30x)      -
+#
+#     SparseLinear (this path) vs nn.Linear, same weights and bias, paired: 0.97x (256x256, M=1), 0.99x,
+#     1.00x, 0.98x, 1.00x, 0.99x (rows in the order above).
 #
 # Only the cached dense copy stays within 1.1x of dense: it *is* the dense GEMM once the copy exists
-# (the 1024x1024 M=1 gap is per-call Python work, ~1 us, and run-to-run noise of a few %). Expanding per
-# call costs more than the GEMV itself at M=1; MKL's CSR (int64 column per value: more bytes than dense
-# at 50 % density) and a gather formulation are 3-20x slower. So on the CPU "auto" expands once per
-# compressed tensor and keeps the dense copy beside it (memory: 1.53x of the dense fp32 layer; the
-# state_dict stays compressed). `sparsekernels.bench.linear24.cpu_design_study()` re-measures it.
+# (the 256x256 M=1 gap against a bare F.linear is ~1 us of per-call Python work, which nn.Linear pays
+# too). Expanding per call costs 5-50x the GEMV at M=1; MKL's CSR (an int64 column per value: more
+# bytes than dense at 50 % density) is 2-6x slower and a gather formulation 10-15x. So on the CPU
+# "auto" expands once per compressed tensor and keeps the dense copy beside it (memory: 1.53x of the
+# dense fp32 layer; the state_dict stays compressed). `bench.linear24.cpu_design_study()` re-measures.
 
 _DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
 

@@ -232,7 +232,7 @@ def test_prune_torchvision_model(tmp_path, capsys):
 def test_demo_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     code, stdout, err = _run(["demo", "--epochs", "1", "--width", "8", "--batch", "16", "--out", str(out),
-                              "--no-progress"], capsys)
+                              "--device", "cpu", "--no-progress"], capsys)
     assert code == 0, err
     report = json.loads((out / "demo.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
@@ -250,6 +250,18 @@ def test_demo_tiny(tmp_path, capsys):
     png = (out / "demo.png").read_bytes()
     assert png[:4] == b"\x89PNG"
     assert "| dense |" in stdout and "speedup vs dense" in stdout
+
+
+@pytest.mark.gpu
+def test_demo_tiny_on_gpu(tmp_path, capsys):
+    out = tmp_path / "demo_gpu"
+    code, _, err = _run(["demo", "--epochs", "1", "--width", "8", "--batch", "64", "--out", str(out), "--device", "cuda",
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    rows = json.loads((out / "demo.json").read_text())["rows"]
+    assert json.loads((out / "demo.json").read_text())["environment"]["device_type"] == "cuda"
+    for r in rows[1:]:  # the sparse kernels keep the masked model's predictions (within a point)
+        assert abs(r["accuracy"] - r["accuracy_masked"]) <= 1.0 and r["latency_ms"] > 0
 
 
 # ------------------------------------------------------------------------------------------------ bench

@@ -116,6 +116,13 @@ def test_readme_section_matches_files(tmp_path):
     text = readme.read_text()
     assert "- [`design_study.json`](benchmarks/results/cpu/design_study.json): A side study" in text
     assert "#### A side study" not in text  # not a headline result: a link, not a table
+    write_report("models_bert_quick", [{"name": "q"}], COLS, out_dir=root / "cpu", title="Quick BERT")
+    update_readme(readme, root)
+    assert "#### Quick BERT" in readme.read_text()  # a quick run alone is shown
+    write_report("models_bert", [{"name": "f"}], COLS, out_dir=root / "cpu", title="Full BERT")
+    update_readme(readme, root)
+    text = readme.read_text()
+    assert "#### Full BERT" in text and "#### Quick BERT" not in text and "models_bert_quick.json`](" in text
     # a headline result in another format: its own Markdown page, headings demoted, links re-rooted
     (root / "cpu" / "pruning_quality.json").write_text(json.dumps({"rows": [1]}))
     (root / "cpu" / "pruning_quality.md").write_text("# Quality\n\n| a |\n|---|\n| 1 |\n\n![p](q.png)\n")
@@ -299,3 +306,26 @@ def test_count_macs_nonzero_and_stored_bytes():
     tied = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False))
     tied[1].weight = tied[0].weight  # tied weights are stored once
     assert stored_bytes(tied) == 16 * 4
+
+
+def test_gpu_suite_real_steps_tiny_on_cpu(tmp_path, monkeypatch):
+    """The real kernel-sweep and LLaMA steps, shrunk to toy sizes, through the suite's glue and writers."""
+    from sparsekernels.app import suites
+    from sparsekernels.app.gpu_suite import MAX_FILES, default_steps, run_gpu_suite
+    from sparsekernels.bench import linear24
+
+    monkeypatch.setattr(linear24, "TOKENS", (1, 4))
+    monkeypatch.setattr(linear24, "LAYERS", ((64, 32),))
+    tiny = suites.SuiteSizes(1, 32, (0.3,), 1, 8, (1,), (("tiny 64->32", 64, 32),), (1, 8), 1, 1)
+    monkeypatch.setattr(suites, "suite_sizes", lambda device, quick: tiny)
+    steps = {s.name: s for s in default_steps()}
+    result = run_gpu_suite(tmp_path, device="cpu", budget_s=300.0, steps=[steps["kernels_fp16"], steps["llama"]],
+                           progress=False, stream=open("/dev/null", "w"))
+    assert list(result.ran) == ["kernels_fp16", "llama"], result.skipped
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["gpu_kernels_speedup.png", "gpu_latency_vs_tokens.png", "gpu_suite.json", "gpu_suite.md"]
+    assert len(names) <= MAX_FILES
+    doc = json.loads((tmp_path / "gpu_suite.json").read_text())
+    kernels, llama = doc["sections"]
+    assert kernels["name"] == "kernels_linear24_float16" and {r["tokens"] for r in kernels["rows"]} == {1, 4}
+    assert [r["tokens"] for r in llama["rows"]] == [1, 8] and all(r["dtype"] == "fp16" for r in llama["rows"])

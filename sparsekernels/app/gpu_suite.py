@@ -124,9 +124,12 @@ def _kernels_step(dtype: torch.dtype):
         rows = [r.as_dict() for r in run_linear24_sweep(device, tokens=TOKENS, layers=LAYERS, dtypes=[dtype],
                                                            out_dir=None, progress=progress)]
         _add_roofline(rows, device)
+        # one line per layer: what a swapped model runs (the dispatcher's "auto"), else our Triton kernel
+        backends = {r["backend"] for r in rows}
+        shown = next((b for b in ("auto", "triton", "cpu_auto") if b in backends), None)
         series = {}
         for r in rows:
-            if r["backend"] != "dense":
+            if r["backend"] != "dense" and (shown is None or r["backend"] == shown):
                 series.setdefault(f"{r['in_features']}x{r['out_features']} {r['dtype']} {r['backend']}", []).append(
                     (r["tokens"], r["speedup_vs_dense"]))
         name = str(dtype).replace("torch.", "")
@@ -274,6 +277,8 @@ def run_gpu_suite(
         except Exception as e:  # one broken step must not cost the others their numbers
             result.skipped[step.name] = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             traceback.print_exc(file=stream)
+            result.seconds = clock() - start
+            result.files = _write(out, device, env, budget_s, result, sections, plot_specs)
             continue
         finally:
             result.seconds = clock() - start

@@ -105,7 +105,9 @@ def render_results_section(results_root: str | os.PathLike, repo_root: str | os.
                 else:
                     tables.append(f"{source}\n\n" + "\n".join(page))
                 continue
-            if data is None or data.get("schema") not in (SCHEMA, "sparsekernels.suite/1") or path.stem not in HEADLINE:
+            superseded = path.stem.endswith("_quick") and (folder / f"{path.stem[:-len('_quick')]}.json").is_file()
+            if (data is None or data.get("schema") not in (SCHEMA, "sparsekernels.suite/1") or path.stem not in HEADLINE
+                    or superseded):  # a quick smoke run beside its full-size result: a link only
                 title = (data or {}).get("title") if isinstance((data or {}).get("title"), str) else None
                 others.append((rel, title))
                 continue

@@ -24,7 +24,8 @@ def _device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
-    return f"CPU {proc} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU {proc} ({os.cpu_count()} cores, {threads} thread{'s' if threads != 1 else ''})"
 
 
 def environment_stamp(device: torch.device | str = "cpu") -> dict:

@@ -18,10 +18,14 @@ For ``nn.Conv2d`` weights, callers view the weight as ``[out, kh * kw * in]`` in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
-__all__ = ["Sparse24Weight", "compress_24", "is_24_sparse", "SUPPORTED_DTYPES", "pack_indices", "unpack_indices"]
+__all__ = [
+    "Sparse24Weight", "compress_24", "is_24_sparse", "first_non24_group", "SUPPORTED_DTYPES", "pack_indices",
+    "unpack_indices",
+]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,6 +51,17 @@ def _check_weight(fn: str, weight) -> None:
 def _group_nonzeros(weight: torch.Tensor) -> torch.Tensor:
     out, k = weight.shape
     return (weight != 0).reshape(out, k // 4, 4)
+
+
+def first_non24_group(weight: torch.Tensor) -> Optional[tuple[int, int, int]]:
+    """The first group of 4 (row-major) of a 2-D ``weight`` (``in`` a multiple of 4) holding more than 2
+    non-zeros, as ``(row, group, count)``; None when ``weight`` is 2:4 sparse."""
+    counts = _group_nonzeros(weight.detach()).sum(-1)  # [out, G]
+    bad = torch.nonzero((counts > 2).reshape(-1))
+    if bad.numel() == 0:
+        return None
+    row, group = divmod(int(bad[0]), counts.shape[1])
+    return row, group, int(counts[row, group])
 
 
 def is_24_sparse(weight: torch.Tensor) -> bool:
@@ -166,17 +181,15 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
     _check_weight(fn, weight)
     weight = weight.detach()
     out, k = weight.shape
-    nz = _group_nonzeros(weight)  # [out, G, 4]
-    counts = nz.sum(-1)
-    bad = counts > 2
-    if bool(bad.any()):
-        flat = int(torch.nonzero(bad.reshape(-1))[0])
-        row, group = divmod(flat, k // 4)
+    bad = first_non24_group(weight)
+    if bad is not None:
+        row, group, count = bad
         raise ValueError(
             f"{fn}: expected a 2-D weight whose every group of 4 along the input dimension has at most 2 "
             f"non-zeros; row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
-            f"{int(counts[row, group])}. Prune it first, e.g. with pruning.nm_mask(scores, 2, 4)."
+            f"{count}. Prune it first, e.g. with pruning.nm_mask(scores, 2, 4)."
         )
+    nz = _group_nonzeros(weight)  # [out, G, 4]
     # Choose two positions per group: every non-zero first, then the lowest free positions.
     pos = torch.arange(4, device=weight.device)
     key = nz.to(torch.int64) * 8 + (3 - pos)  # non-zeros first, ties broken by lower position

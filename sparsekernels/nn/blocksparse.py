@@ -7,15 +7,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, SUPPORTED_DTYPES, BlockSparseWeight, block_sparsity, compress_blocks
+from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, _cdiv, block_sparsity, compress_blocks
 from ..ops._backend import check_backend
 from ..ops.blocksparse_linear import _block_sparse_linear_op
+from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_bias
 
 __all__ = ["BlockSparseLinear"]
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _check_min_block_sparsity(fn: str, v) -> float:
@@ -78,9 +75,7 @@ class BlockSparseLinear(nn.Module):
         nbr, nbc = _cdiv(out_features, block_size), _cdiv(in_features, block_size)
         if isinstance(nnz_blocks, bool) or not isinstance(nnz_blocks, int) or not 0 <= nnz_blocks <= nbr * nbc:
             raise ValueError(f"{fn}: expected nnz_blocks in [0, {nbr * nbc}] for this shape and block size, got {nnz_blocks!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{fn}: expected dtype float16, bfloat16 or float32, got {dtype}")
+        dtype = check_dtype(fn, dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
@@ -94,10 +89,7 @@ class BlockSparseLinear(nn.Module):
         col_idx = [j % nbc for j in range(nnz_blocks)]
         self.register_buffer("block_row_ptr", torch.tensor(row_ptr, dtype=INDEX_DTYPE, device=device))
         self.register_buffer("block_col_idx", torch.tensor(col_idx, dtype=INDEX_DTYPE, device=device))
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_bias(self, bias, out_features, device, dtype)
 
     @property
     def nnz_blocks(self) -> int:
@@ -142,12 +134,10 @@ class BlockSparseLinear(nn.Module):
         min_block_sparsity = _check_min_block_sparsity(fn, min_block_sparsity)
         if not isinstance(linear, nn.Linear):
             return f"not an nn.Linear (got {type(linear).__name__})"
-        w = linear.weight
-        if w.dtype not in SUPPORTED_DTYPES:
-            return f"weight dtype {w.dtype} is not float16, bfloat16 or float32"
-        if linear.bias is not None and linear.bias.dtype != w.dtype:
-            return f"bias dtype {linear.bias.dtype} differs from the weight dtype {w.dtype}"
-        if w.device.type == "meta":
+        reason = dtype_reason(linear, bias_too=True)
+        if reason is not None:
+            return reason
+        if linear.weight.device.type == "meta":
             return "weight is on the meta device (its sparsity pattern is unknown)"
         return cls._choose_block_size(linear, block_size, min_block_sparsity)[1]
 
@@ -187,12 +177,9 @@ class BlockSparseLinear(nn.Module):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            layer.block_values.copy_(wb.values)
-            layer.block_row_ptr.copy_(wb.row_ptr)
-            layer.block_col_idx.copy_(wb.col_idx)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
+        load_state(
+            layer, {"block_values": wb.values, "block_row_ptr": wb.row_ptr, "block_col_idx": wb.col_idx}, linear.bias
+        )
         return layer
 
     @property
@@ -212,11 +199,7 @@ class BlockSparseLinear(nn.Module):
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
         )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight_blocks.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_twin(self, linear, self.weight_blocks.to_dense())
 
     # -- forward ------------------------------------------------------------------------------------
 

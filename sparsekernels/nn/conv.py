@@ -1,34 +1,24 @@
 """``SparseConv2d``: an inference ``nn.Conv2d`` whose weight is stored 2:4-compressed along input channels."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight, compress_24
-from ..ops._backend import check_backend
-from ..ops.sparse24_conv2d import _sparse24_conv2d_op, conv_weight_from_2d, conv_weight_to_2d
+from ..formats.sparse24 import Sparse24Weight, compress_24, first_non24_group
+from ..ops._backend import check_backend, cpu_fast_path_applies
+from ..ops.sparse24_conv2d import (
+    IntPair,
+    _cpu_auto,
+    _pair,
+    _sparse24_conv2d_op,
+    conv_weight_from_2d,
+    conv_weight_to_2d,
+)
+from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_24_state
 
 __all__ = ["SparseConv2d"]
-
-# A freshly built layer (before loading a state_dict) stores zeros at positions 0 and 1 of every
-# group: nibble 0b0100 (first kept value at 0, second at 1), two groups per byte.
-_DEFAULT_META_BYTE = 0x44
-
-IntPair = Union[int, Sequence[int]]
-
-
-def _pair(fn: str, name: str, v, minimum: int) -> tuple[int, int]:
-    if isinstance(v, bool) or isinstance(v, str) or not isinstance(v, (int, Sequence)):
-        raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints, got {v!r}")
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in pair):
-        raise TypeError(f"{fn}: expected {name} to be an int or a pair of ints, got {v!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{fn}: expected {name} >= {minimum}, got {v!r}")
-    return pair
 
 
 def _numeric_padding(conv: nn.Conv2d) -> Union[tuple[int, int], str]:
@@ -107,23 +97,14 @@ class SparseConv2d(nn.Module):
         self.stride = _pair(fn, "stride", stride, 1)
         self.padding = _pair(fn, "padding", padding, 0)
         self.dilation = _pair(fn, "dilation", dilation, 1)
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{fn}: expected dtype float16, bfloat16 or float32, got {dtype}")
+        dtype = check_dtype(fn, dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = 1
         self.padding_mode = "zeros"
         self.backend = check_backend(fn, backend)
         k = self.kernel_size[0] * self.kernel_size[1] * in_channels
-        self.weight_values = nn.Parameter(torch.zeros(out_channels, k // 2, device=device, dtype=dtype), requires_grad=False)
-        self.register_buffer(
-            "weight_meta", torch.full((out_channels, (k + 7) // 8), _DEFAULT_META_BYTE, dtype=torch.uint8, device=device)
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_24_state(self, out_channels, k, bias, device, dtype)
 
     # -- conversion ---------------------------------------------------------------------------------
 
@@ -139,26 +120,21 @@ class SparseConv2d(nn.Module):
         padding = _numeric_padding(conv)
         if isinstance(padding, str):
             return padding
-        w = conv.weight
-        if w.dtype not in SUPPORTED_DTYPES:
-            return f"weight dtype {w.dtype} is not float16, bfloat16 or float32"
-        if conv.bias is not None and conv.bias.dtype != w.dtype:
-            return f"bias dtype {conv.bias.dtype} differs from the weight dtype {w.dtype}"
+        reason = dtype_reason(conv, bias_too=True)
+        if reason is not None:
+            return reason
         if conv.in_channels % 4:
             return f"in_channels={conv.in_channels} is not a multiple of 4 (2:4 groups run along input channels)"
-        if w.device.type == "meta":
+        if conv.weight.device.type == "meta":
             return "weight is on the meta device (its sparsity pattern is unknown)"
-        w2d = conv_weight_to_2d(w.detach())
-        counts = (w2d != 0).reshape(w2d.shape[0], -1, 4).sum(-1)
-        bad = counts > 2
-        if bool(bad.any()):
-            flat = int(torch.nonzero(bad.reshape(-1))[0])
-            out, group = divmod(flat, counts.shape[1])
+        bad = first_non24_group(conv_weight_to_2d(conv.weight))
+        if bad is not None:
+            out, group, count = bad
             position, cgroup = divmod(group, conv.in_channels // 4)
             r, s = divmod(position, conv.kernel_size[1])
             return (
                 f"weight is not 2:4 sparse along input channels: output channel {out}, kernel position "
-                f"({r}, {s}), input channels {4 * cgroup}..{4 * cgroup + 3} hold {int(counts[out, group])} non-zeros"
+                f"({r}, {s}), input channels {4 * cgroup}..{4 * cgroup + 3} hold {count} non-zeros"
             )
         return None
 
@@ -189,11 +165,7 @@ class SparseConv2d(nn.Module):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight_values.copy_(w24.values)
-            layer.weight_meta.copy_(w24.meta)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
+        load_state(layer, {"weight_values": w24.values, "weight_meta": w24.meta}, conv.bias)
         return layer
 
     @property
@@ -220,15 +192,22 @@ class SparseConv2d(nn.Module):
             device=values.device,
             dtype=values.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                conv.bias.copy_(self.bias)
-        return conv
+        return dense_twin(self, conv, self.dense_weight())
 
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Eager CPU "auto": F.conv2d on the cached dense copy, without the custom op (~20 us per call) or
+        # nn.Module.__getattr__ (~1.4 us per name); measured in ops.sparse24_conv2d._cpu_auto.
+        if cpu_fast_path_applies(x, self.backend) and x.dim() == 4 and x.shape[1] == self.in_channels:
+            params = self._parameters
+            try:
+                return _cpu_auto(
+                    x, params["weight_values"], self._buffers["weight_meta"], params["bias"],
+                    self.stride, self.padding, self.dilation, self.kernel_size,
+                )
+            except (RuntimeError, TypeError, ValueError):
+                pass  # F.conv2d refused the input: the checks below raise the clear error
         fn = "SparseConv2d.forward()"
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{fn}: expected input of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")

@@ -6,15 +6,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight, compress_24
+from ..formats.sparse24 import Sparse24Weight, compress_24, first_non24_group
 from ..ops._backend import check_backend
 from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_checked
+from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_24_state
 
 __all__ = ["SparseLinear"]
-
-# A freshly built layer (before loading a state_dict) stores zeros at positions 0 and 1 of every
-# group: nibble 0b0100 (first kept value at 0, second at 1), two groups per byte.
-_DEFAULT_META_BYTE = 0x44
 
 
 class SparseLinear(nn.Module):
@@ -63,23 +60,11 @@ class SparseLinear(nn.Module):
             raise ValueError(f"{fn}: expected in_features to be a positive multiple of 4, got {in_features!r}")
         if not isinstance(out_features, int) or out_features < 1:
             raise ValueError(f"{fn}: expected out_features >= 1, got {out_features!r}")
-        dtype = torch.get_default_dtype() if dtype is None else dtype
-        if dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{fn}: expected dtype float16, bfloat16 or float32, got {dtype}")
+        dtype = check_dtype(fn, dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.backend = check_backend(fn, backend)
-        self.weight_values = nn.Parameter(
-            torch.zeros(out_features, in_features // 2, device=device, dtype=dtype), requires_grad=False
-        )
-        self.register_buffer(
-            "weight_meta",
-            torch.full((out_features, (in_features + 7) // 8), _DEFAULT_META_BYTE, dtype=torch.uint8, device=device),
-        )
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
+        register_24_state(self, out_features, in_features, bias, device, dtype)
 
     # -- conversion ---------------------------------------------------------------------------------
 
@@ -88,21 +73,19 @@ class SparseLinear(nn.Module):
         """``None`` if :meth:`from_dense` can convert ``linear``, else the reason in words."""
         if not isinstance(linear, nn.Linear):
             return f"not an nn.Linear (got {type(linear).__name__})"
-        w = linear.weight
-        if w.dtype not in SUPPORTED_DTYPES:
-            return f"weight dtype {w.dtype} is not float16, bfloat16 or float32"
+        reason = dtype_reason(linear, bias_too=False)  # the bias is cast to the weight's dtype
+        if reason is not None:
+            return reason
         if linear.in_features % 4:
             return f"in_features={linear.in_features} is not a multiple of 4"
-        if w.device.type == "meta":
+        if linear.weight.device.type == "meta":
             return "weight is on the meta device (its sparsity pattern is unknown)"
-        counts = (w.detach() != 0).reshape(w.shape[0], -1, 4).sum(-1)
-        bad = counts > 2
-        if bool(bad.any()):
-            flat = int(torch.nonzero(bad.reshape(-1))[0])
-            row, group = divmod(flat, counts.shape[1])
+        bad = first_non24_group(linear.weight)
+        if bad is not None:
+            row, group, count = bad
             return (
                 f"weight is not 2:4 sparse: row {row}, group {group} (columns {4 * group}..{4 * group + 3}) "
-                f"has {int(counts[row, group])} non-zeros"
+                f"has {count} non-zeros"
             )
         return None
 
@@ -125,11 +108,7 @@ class SparseLinear(nn.Module):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight_values.copy_(w24.values)
-            layer.weight_meta.copy_(w24.meta)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach().to(linear.weight.dtype))
+        load_state(layer, {"weight_values": w24.values, "weight_meta": w24.meta}, linear.bias)
         return layer
 
     @property
@@ -143,11 +122,7 @@ class SparseLinear(nn.Module):
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
         )
-        with torch.no_grad():
-            linear.weight.copy_(self.weight24.to_dense())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return dense_twin(self, linear, self.weight24.to_dense())
 
     # -- forward ------------------------------------------------------------------------------------
 

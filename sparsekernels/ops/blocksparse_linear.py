@@ -10,14 +10,14 @@ The kernel gives each program one tile of ``BLOCK_M`` rows of ``x`` and one outp
 """
 from __future__ import annotations
 
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..formats.blocksparse import BlockSparseWeight
-from ._backend import interpreter_enabled, resolve_backend
+from ._backend import check_bias_like_x, check_x_like_weight, interpreter_enabled, pow2_bucket, resolve_backend
+from ._cache import cached
 
 __all__ = [
     "block_sparse_linear",
@@ -123,11 +123,6 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for the token count: powers of two, so each bucket is tuned once."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
 def _launch_triton(x2d: torch.Tensor, values, row_ptr, col_idx, bias, n: int) -> torch.Tensor:
     import triton
 
@@ -141,7 +136,7 @@ def _launch_triton(x2d: torch.Tensor, values, row_ptr, col_idx, bias, n: int) ->
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), row_ptr.numel() - 1)  # noqa: E731
     kernel[grid](
         x2d, values, row_ptr, col_idx, bias if bias is not None else x2d, out,
-        m, n, k, values.shape[0], _m_bucket(m),
+        m, n, k, values.shape[0], pow2_bucket(m),
         x2d.stride(0), x2d.stride(1), out.stride(0), out.stride(1),
         HAS_BIAS=bias is not None,
         BS=bs,
@@ -174,31 +169,14 @@ def _dense_weight(values, row_ptr, col_idx, n: int, k: int) -> torch.Tensor:
     return BlockSparseWeight(values, row_ptr, col_idx, (n, k), values.shape[1]).to_dense()
 
 
-_DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
-
-
 def _cached_dense_weight(values, row_ptr, col_idx, n: int, k: int) -> torch.Tensor:
-    """The dense weight, expanded once and kept while ``values`` lives.
-
-    Keyed by the identity of ``values``; rebuilt when any of the three tensors is modified in place
-    (``_version``) or re-pointed (``data_ptr``, e.g. ``module.to()`` assigning ``.data``). Kept in a side
-    table, not on the tensor, so ``torch.save`` never pickles the dense copy.
-    """
-    try:
-        stamp = tuple((t.data_ptr(), t._version) for t in (values, row_ptr, col_idx)) + (
-            values.dtype, values.device, n, k)
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return _dense_weight(values, row_ptr, col_idx, n, k)
-    key = id(values)
-    hit = _DENSE_CACHE.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    with torch.no_grad():
-        dense = _dense_weight(values.detach(), row_ptr, col_idx, n, k)
-    if hit is None:
-        weakref.finalize(values, _DENSE_CACHE.pop, key, None)
-    _DENSE_CACHE[key] = (stamp, dense)
-    return dense
+    """The dense weight, expanded once and kept while ``values`` lives (rebuilt when any of the three
+    tensors changes: see :func:`~sparsekernels.ops._cache.cached`). Kept in a side table, not on the
+    tensor, so ``torch.save`` never pickles the dense copy."""
+    return cached(
+        values, f"block_dense {n}x{k}", lambda: _dense_weight(values.detach(), row_ptr, col_idx, n, k),
+        depends=(row_ptr, col_idx),
+    )
 
 
 def block_sparse_linear_reference(
@@ -228,7 +206,7 @@ def block_sparse_linear_dense(
 # --------------------------------------------------------------------------------------------------
 def _dispatch_key(x2d: torch.Tensor, values: torch.Tensor, n: int, k: int, has_bias: bool) -> tuple:
     # nnz_blocks is in the key: the kernel's work scales with it, dense's does not.
-    return (_m_bucket(x2d.shape[0]), n, k, values.shape[1], values.shape[0], str(x2d.dtype), has_bias)
+    return (pow2_bucket(x2d.shape[0]), n, k, values.shape[1], values.shape[0], str(x2d.dtype), has_bias)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -251,9 +229,7 @@ def _block_sparse_linear_op(
         if x.device.type == "cuda":
             from . import dispatch
 
-            dense = lambda: F.linear(  # noqa: E731
-                x2d, dispatch.cached(values, "block_dense", lambda: _dense_weight(values, row_ptr, col_idx, n, k)), bias
-            )
+            dense = lambda: F.linear(x2d, _cached_dense_weight(values, row_ptr, col_idx, n, k), bias)  # noqa: E731
             candidates = {"triton": lambda: _launch_triton(x2d, values, row_ptr, col_idx, bias, n), "dense": dense}
             choice = dispatch.select(
                 "block_sparse_linear", _dispatch_key(x2d, values, n, k, bias is not None), candidates,
@@ -291,17 +267,8 @@ def _check_inputs(fn: str, x, wb, bias) -> None:
     n, k = wb.shape
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"{fn}: expected x of shape [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
-    if x.dtype != wb.dtype:
-        raise TypeError(f"{fn}: expected x of the weight's dtype {wb.dtype}, got {x.dtype}")
-    if x.device != wb.device:
-        raise ValueError(f"{fn}: expected x on the weight's device {wb.device}, got {x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{fn}: expected bias to be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: expected bias of shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"{fn}: expected bias {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    check_x_like_weight(fn, x, wb.dtype, wb.device)
+    check_bias_like_x(fn, bias, n, x)
 
 
 def block_sparse_linear(

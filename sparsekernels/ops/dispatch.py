@@ -40,6 +40,7 @@ import torch
 
 from .._version import __version__
 from ..bench.timing import Timing, time_fn
+from ._cache import _cached_entries, cached  # noqa: F401  (cached is public here)
 
 __all__ = [
     "select",
@@ -527,64 +528,3 @@ def record() -> Iterator[list]:
     finally:
         with _lock:
             _recorders.remove(log)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A weak per-tensor cache for derived representations (a dense copy, a cuSPARSELt tensor)
-
-_derived = None  # torch.utils.weak.WeakIdKeyDictionary, created on first use
-
-
-def _version_of(t: torch.Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter (and cannot be modified in place)
-        return None
-
-
-def cached(owner: torch.Tensor, kind: str, build: Callable[[], object]) -> object:
-    """A value derived from ``owner`` (built once by ``build()``), kept while ``owner`` lives.
-
-    The entry is rebuilt when ``owner`` is modified in place (its version counter changes, e.g. by
-    ``load_state_dict`` without ``assign``) and dies with ``owner``. ``build()`` must not return an
-    object that keeps a reference to ``owner`` (a view of it), or the entry would never be freed.
-
-    Args:
-        owner: the tensor the value is derived from (e.g. ``weight_values``).
-        kind: a name for the representation, e.g. ``"dense"`` or ``"cusparselt"``.
-        build: zero-argument callable that builds the value.
-
-    Raises:
-        TypeError: ``owner`` not a tensor, ``kind`` not a str, or ``build`` not callable.
-    """
-    global _derived
-    if not isinstance(owner, torch.Tensor):
-        raise TypeError(f"cached(): expected owner to be a torch.Tensor, got {type(owner).__name__}")
-    if not isinstance(kind, str):
-        raise TypeError(f"cached(): expected kind to be a str, got {type(kind).__name__}")
-    if not callable(build):
-        raise TypeError(f"cached(): expected build to be callable, got {type(build).__name__}")
-    version = _version_of(owner)
-    with _lock:
-        if _derived is None:
-            from torch.utils.weak import WeakIdKeyDictionary
-
-            _derived = WeakIdKeyDictionary()
-        entries = _derived.get(owner)
-        if entries is None:
-            entries = {}
-            _derived[owner] = entries
-        hit = entries.get(kind)
-        if hit is not None and hit[0] == version:
-            return hit[1]
-        value = build()
-        entries[kind] = (version, value)
-        return value
-
-
-def _cached_entries(owner: torch.Tensor) -> dict:
-    """Internal, for tests: the kinds currently cached for ``owner``."""
-    with _lock:
-        if _derived is None:
-            return {}
-        return dict(_derived.get(owner) or {})

@@ -17,7 +17,6 @@ contiguous NCHW -- the rule ``nn.Conv2d`` follows, for every backend.
 from __future__ import annotations
 
 import math
-import weakref
 # typing.Sequence (not collections.abc): torch < 2.8 evaluates the custom op's string annotations in
 # its own namespace, where only typing's names exist.
 from typing import Optional, Sequence, Union
@@ -26,7 +25,15 @@ import torch
 import torch.nn.functional as F
 
 from ..formats.sparse24 import Sparse24Weight, unpack_indices
-from ._backend import interpreter_enabled, resolve_backend
+from ._backend import (
+    check_bias_like_x,
+    check_x_like_weight,
+    cpu_fast_path_applies,
+    interpreter_enabled,
+    pow2_bucket,
+    resolve_backend,
+)
+from ._cache import cached
 
 __all__ = ["sparse24_conv2d", "sparse24_conv2d_reference", "conv_weight_to_2d", "conv_weight_from_2d"]
 
@@ -58,31 +65,31 @@ def _dense_conv_weight(values, meta, in_channels: int, kernel_size) -> torch.Ten
     return conv_weight_from_2d(Sparse24Weight(values, meta, (n, k)).to_dense(), in_channels, kernel_size)
 
 
-_DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
-
-
 def _cached_dense_conv_weight(values, meta, in_channels: int, kernel_size) -> torch.Tensor:
-    """The dense conv weight for ``values``/``meta``, expanded once and kept while ``values`` lives.
+    """The dense conv weight for ``values``/``meta``, expanded once and kept while ``values`` lives
+    (rebuilt when either tensor changes: see :func:`~sparsekernels.ops._cache.cached`). Kept in a side
+    table, not on the tensor, so ``torch.save`` never pickles the dense copy."""
+    kh, kw = kernel_size
+    return cached(
+        values, f"conv_dense {in_channels}x{kh}x{kw}",
+        lambda: _dense_conv_weight(values.detach(), meta, in_channels, kernel_size), depends=(meta,),
+    )
 
-    Keyed by the identity of ``values``; rebuilt when either tensor is modified in place (``_version``)
-    or re-pointed (``data_ptr``, e.g. ``module.to()`` assigning ``.data``). Kept in a side table, not on
-    the tensor, so ``torch.save`` never pickles the dense copy.
+
+def _cpu_auto(x, values, meta, bias, stride, padding, dilation, kernel_size) -> torch.Tensor:
+    """CPU ``"auto"``: ``F.conv2d`` (oneDNN) on the cached dense copy.
+
+    Neither the im2col reference (1.5-7.9x the time of nn.Conv2d) nor expanding per call (1.07-1.77x)
+    keeps up with nn.Conv2d; the cached copy is nn.Conv2d plus the per-call Python work. 2026-11-25,
+    shared 2-core EPYC, 1 thread, fp32, batch 1, best of 7 alternating rounds of 30 calls, the first
+    ResNet-50 shapes (the quick suite's): through the custom op (~26 us per call) SparseConv2d ran at
+    0.92x of nn.Conv2d on 64->64 1x1 @56x56 (0.310 vs 0.285 ms) and 0.98x on 64->64 3x3 (2.19 vs 2.14
+    ms), sparse24_conv2d at 0.90x / 0.97x of F.conv2d; the 0.4-0.5x reading was not reproduced. The
+    eager fast path (SparseConv2d.forward, sparse24_conv2d) now skips the custom op; measured after
+    that change: see the cpu_fast_path note in docs/sparse24.md and the comment in SparseConv2d.forward.
     """
-    try:
-        stamp = (values.data_ptr(), values._version, meta.data_ptr(), meta._version, values.dtype, values.device,
-                 in_channels, tuple(kernel_size))
-    except RuntimeError:  # inference tensors have no version counter: do not cache
-        return _dense_conv_weight(values, meta, in_channels, kernel_size)
-    key = id(values)
-    hit = _DENSE_CACHE.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    with torch.no_grad():
-        dense = _dense_conv_weight(values.detach(), meta, in_channels, kernel_size)
-    if hit is None:
-        weakref.finalize(values, _DENSE_CACHE.pop, key, None)
-    _DENSE_CACHE[key] = (stamp, dense)
-    return dense
+    weight = _cached_dense_conv_weight(values, meta, x.shape[1], kernel_size)
+    return _dense(x, weight, bias, stride, padding, dilation)
 
 
 def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
@@ -222,11 +229,6 @@ def _new_output(shape, dtype, device, memory_format) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
 
 
-def _m_bucket(m: int) -> int:
-    """Autotune key for the pixel count: powers of two, so each bucket is tuned once."""
-    return 1 << max(m - 1, 0).bit_length()
-
-
 def _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size) -> torch.Tensor:
     import triton
 
@@ -248,7 +250,7 @@ def _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size
     grid = lambda cfg: (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))  # noqa: E731
     kernel[grid](
         x, values, meta, bias if bias is not None else values, out,
-        m, n, c, h, w, oh, ow, _m_bucket(m),
+        m, n, c, h, w, oh, ow, pow2_bucket(m),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         out.stride(0), out.stride(2), out.stride(3), out.stride(1),
         values.stride(0), meta.stride(0),
@@ -297,7 +299,7 @@ def _dispatch_key(x, n, stride, padding, dilation, kernel_size, has_bias) -> tup
     bsz, c, h, w = x.shape
     fmt = "channels_last" if _output_format(x) == torch.channels_last else "contiguous"
     # batch bucketed to powers of two (B=3 and B=4 share a decision)
-    return (_m_bucket(bsz), c, h, w, n, *kernel_size, *stride, *padding, *dilation, fmt, str(x.dtype), has_bias)
+    return (pow2_bucket(bsz), c, h, w, n, *kernel_size, *stride, *padding, *dilation, fmt, str(x.dtype), has_bias)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -320,25 +322,17 @@ def _sparse24_conv2d_op(
     if choice == "auto" and x.device.type == "cuda":
         from . import dispatch
 
-        weight = lambda: dispatch.cached(  # noqa: E731
-            values, "conv_dense", lambda: _dense_conv_weight(values, meta, c, kernel_size)
-        )
         candidates = {
             "triton": lambda: _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size),
-            "dense": lambda: _dense(x, weight(), bias, stride, padding, dilation),
+            "dense": lambda: _cpu_auto(x, values, meta, bias, stride, padding, dilation, kernel_size),
         }
         choice = dispatch.select(
             "sparse24_conv2d", _dispatch_key(x, values.shape[0], stride, padding, dilation, kernel_size, bias is not None),
             candidates, default="dense", device=x.device,
         )
         return candidates[choice]()
-    if choice == "auto":
-        # CPU: dense conv (oneDNN) on a dense copy cached per values tensor. Neither the im2col reference
-        # (1.5-7.9x of nn.Conv2d) nor expanding per call (1.07-1.77x) keeps up with nn.Conv2d; the cached
-        # copy costs nn.Conv2d plus ~25 us of op overhead: median ratio 1.00-1.09 on 11 of 12 ResNet-50
-        # shapes, 1.21 on one (noise: fastest-run ratio 0.96), shared 2-core EPYC, 2026-11-25
-        # (benchmarks/results/cpu/sparse24_conv2d_cpu_auto.md).
-        return _dense(x, _cached_dense_conv_weight(values, meta, c, kernel_size), bias, stride, padding, dilation)
+    if choice == "auto":  # CPU: see _cpu_auto
+        return _cpu_auto(x, values, meta, bias, stride, padding, dilation, kernel_size)
     if choice == "triton":
         return _launch_triton(x, values, meta, bias, stride, padding, dilation, kernel_size)
     if choice == "reference":
@@ -401,23 +395,14 @@ def _check_inputs(fn, x, w24, bias, stride, padding, dilation, kernel_size):
             raise ValueError(
                 f"{fn}: expected kernel_size with kh * kw = {taps} (weight {w24.shape} over C={c}), got {kernel_size}"
             )
-    if x.dtype != w24.dtype:
-        raise TypeError(f"{fn}: expected x of the weight's dtype {w24.dtype}, got {x.dtype}")
-    if x.device != w24.device:
-        raise ValueError(f"{fn}: expected x on the weight's device {w24.device}, got {x.device}")
+    check_x_like_weight(fn, x, w24.dtype, w24.device)
     for axis, size in ((0, x.shape[2]), (1, x.shape[3])):
         if _out_size(size, kernel_size[axis], stride[axis], padding[axis], dilation[axis]) < 1:
             raise ValueError(
                 f"{fn}: input {tuple(x.shape[2:])} is smaller than the dilated kernel {kernel_size} "
                 f"(padding {padding}, dilation {dilation}): the output would be empty"
             )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor):
-            raise TypeError(f"{fn}: expected bias to be a torch.Tensor or None, got {type(bias).__name__}")
-        if tuple(bias.shape) != (n,):
-            raise ValueError(f"{fn}: expected bias of shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(f"{fn}: expected bias {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+    check_bias_like_x(fn, bias, n, x)
     return stride, padding, dilation, kernel_size
 
 
@@ -480,4 +465,7 @@ def sparse24_conv2d(
     stride, padding, dilation, kernel_size = _check_inputs(
         "sparse24_conv2d()", x, w24, bias, stride, padding, dilation, kernel_size
     )
+    if cpu_fast_path_applies(x, backend):  # eager CPU "auto": skip the custom op's ~20 us dispatch
+        return _cpu_auto(x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size)
     return _sparse24_conv2d_op(x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size, backend)
+

@@ -23,14 +23,21 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight
-from ._backend import ENV_VAR, interpreter_enabled, resolve_backend
+from ._backend import (  # noqa: F401  (backend_forced: imported from here by older callers)
+    backend_forced,
+    check_x_like_weight,
+    cpu_fast_path_applies,
+    interpreter_enabled,
+    pow2_bucket,
+    resolve_backend,
+)
+from ._cache import cached
 
 __all__ = ["sparse24_linear", "sparse24_linear_reference", "expand_24"]
 
@@ -98,29 +105,10 @@ def sparse24_linear_reference(
 # "auto" expands once per compressed tensor and keeps the dense copy beside it (memory: 1.53x of the
 # dense fp32 layer; the state_dict stays compressed). `bench.linear24.cpu_design_study()` re-measures.
 
-_DENSE_CACHE: dict[int, tuple[tuple, torch.Tensor]] = {}
-
-
 def _dense_copy(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The dense weight for ``values``/``meta``, expanded once and kept while ``values`` lives.
-
-    The entry is keyed by the identity of ``values`` and rebuilt when either tensor is modified in place
-    (``_version``) or re-pointed (``data_ptr``), e.g. by ``load_state_dict``.
-    """
-    key = id(values)
-    try:
-        stamp = (values.data_ptr(), values._version, meta.data_ptr(), meta._version, values.dtype, values.is_cpu)
-    except RuntimeError:  # inference tensors have no version counter (and cannot change in place)
-        stamp = (values.data_ptr(), None, meta.data_ptr(), None, values.dtype, values.is_cpu)
-    hit = _DENSE_CACHE.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    with torch.no_grad():
-        dense = expand_24(values.detach(), meta, in_features)
-    if hit is None:
-        weakref.finalize(values, _DENSE_CACHE.pop, key, None)
-    _DENSE_CACHE[key] = (stamp, dense)
-    return dense
+    """The dense weight for ``values``/``meta``, expanded once and kept while ``values`` lives
+    (rebuilt when either tensor changes: see :func:`~sparsekernels.ops._cache.cached`)."""
+    return cached(values, "sparse24_dense", lambda: expand_24(values.detach(), meta, in_features), depends=(meta,))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -130,10 +118,7 @@ def _dense_copy(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> t
 
 def _bucket_m(m: int) -> int:
     """Token-count bucket for tuning keys: 1, 2, 4, ..., capped at 8192 (next power of two)."""
-    b = 1
-    while b < m and b < 8192:
-        b *= 2
-    return b
+    return min(pow2_bucket(m), 8192)
 
 
 @functools.lru_cache(maxsize=1)
@@ -386,7 +371,12 @@ def cusparselt_unsupported_reason(device: torch.device, dtype: torch.dtype, out_
 
 
 def _cusparselt_weight(values: torch.Tensor, meta: torch.Tensor, in_features: int):
-    return torch.sparse.to_sparse_semi_structured(expand_24(values, meta, in_features))
+    """PyTorch's semi-structured tensor for the weight, built once per compressed tensor."""
+    return cached(
+        values, "sparse24_cusparselt",
+        lambda: torch.sparse.to_sparse_semi_structured(expand_24(values.detach(), meta, in_features)),
+        depends=(meta,),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,23 +394,15 @@ def _dispatched(x2d, values, meta, bias, in_features):
     The dense copy and the cuSPARSELt tensor are built once per weight (``dispatch.cached``). The
     dispatcher is device-agnostic, so tests drive this function with CPU tensors under the interpreter.
     """
-    from .dispatch import cached, select
+    from .dispatch import select
 
     n = values.shape[0]
-
-    def dense_weight():
-        return cached(values, "sparse24_dense", lambda: expand_24(values, meta, in_features))
-
     candidates: dict[str, Callable[[], torch.Tensor]] = {
         "triton": lambda: _launch_triton(x2d, values, meta, bias, in_features),
-        "dense": lambda: F.linear(x2d, dense_weight(), bias),
+        "dense": lambda: F.linear(x2d, _dense_copy(values, meta, in_features), bias),
     }
     if cusparselt_unsupported_reason(x2d.device, x2d.dtype, n, in_features) is None:
-
-        def sparse_weight():
-            return cached(values, "sparse24_cusparselt", lambda: _cusparselt_weight(values, meta, in_features))
-
-        candidates["cusparselt"] = lambda: F.linear(x2d, sparse_weight(), bias)
+        candidates["cusparselt"] = lambda: F.linear(x2d, _cusparselt_weight(values, meta, in_features), bias)
     key = (_bucket_m(x2d.shape[0]), n, in_features, x2d.dtype, bias is not None)
     # Without a measurement (torch.compile tracing, CUDA-graph capture) run dense: never slower than dense.
     choice = select("sparse24_linear", key, candidates, default="dense", device=x2d.device)
@@ -447,11 +429,8 @@ def _sparse24_linear_op(
         y = sparse24_linear_reference(x2d, Sparse24Weight(values, meta, (n, in_features)), bias)
     elif backend == "dense":
         y = F.linear(x2d, expand_24(values, meta, in_features), bias)
-    elif backend == "cusparselt":
-        from .dispatch import cached  # CUDA only (checked at the boundary)
-
-        weight = cached(values, "sparse24_cusparselt", lambda: _cusparselt_weight(values, meta, in_features))
-        y = F.linear(x2d, weight, bias)
+    elif backend == "cusparselt":  # CUDA only (checked at the boundary)
+        y = F.linear(x2d, _cusparselt_weight(values, meta, in_features), bias)
     elif x.device.type == "cuda":
         y = _dispatched(x2d, values, meta, bias, in_features)
     else:
@@ -481,10 +460,7 @@ def check_linear_inputs(
         )
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{fn}: expected x of dtype float16, bfloat16 or float32, got {x.dtype}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"{fn}: expected x of the weight's dtype {values.dtype}, got {x.dtype}")
-    if x.device != values.device:
-        raise ValueError(f"{fn}: expected x on the weight's device {values.device}, got {x.device}")
+    check_x_like_weight(fn, x, values.dtype, values.device)
     if bias is not None:
         if not isinstance(bias, torch.Tensor):
             raise TypeError(f"{fn}: expected bias to be a torch.Tensor or None, got {type(bias).__name__}")
@@ -534,40 +510,11 @@ def sparse24_linear_checked(
     return torch.ops.sparsekernels.sparse24_linear(x, values, meta, bias, in_features, backend)
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-# ``ENV_VAR in os.environ`` costs ~0.8 us (os.environ encodes the key on every lookup), 5 % of a small CPU
-# layer. On POSIX CPython os.environ keeps its encoded keys in ``_data``; look there when it exists.
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
-
-
-def backend_forced() -> bool:
-    """True when ``SPARSEKERNELS_BACKEND`` is set (cheap enough for every forward call)."""
-    if isinstance(_ENV_DATA, dict):
-        return _ENV_KEY in _ENV_DATA
-    return ENV_VAR in os.environ
-
-
 def cpu_fast_path(x, values: torch.Tensor, meta: torch.Tensor, in_features: int, bias, backend: str):
-    """Eager CPU ``"auto"``: ``F.linear`` on the cached dense copy, or None when it does not apply.
-
-    The full checks, backend resolution and custom-op dispatch cost 10-25 us per call (a third of a
-    1024x1024 GEMV at M=1, more than a whole small layer), so they are skipped when the call is plain:
-    ``backend="auto"``, a CPU tensor of a supported dtype, no environment override, not tracing. If
-    ``F.linear`` refuses the inputs, None is returned and the caller's checks raise the clear error.
-    """
-    if (
-        backend == "auto"
-        and type(x) is torch.Tensor
-        and x.is_cpu
-        and x.dtype in SUPPORTED_DTYPES
-        and not backend_forced()
-        and not _is_compiling()
-    ):
+    """Eager CPU ``"auto"`` (see :func:`~sparsekernels.ops._backend.cpu_fast_path_applies`): ``F.linear``
+    on the cached dense copy, or None when it does not apply. If ``F.linear`` refuses the inputs, None is
+    returned and the caller's checks raise the clear error."""
+    if cpu_fast_path_applies(x, backend):
         try:
             return F.linear(x, _dense_copy(values, meta, in_features), bias)
         except (RuntimeError, TypeError, ValueError):

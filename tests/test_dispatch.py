@@ -360,6 +360,101 @@ def test_cached_inference_tensor():
     assert dispatch.cached(owner, "x", lambda: torch.zeros(1)) is v
 
 
+def test_cached_rebuilds_when_data_is_replaced_without_a_version_bump():
+    """module.half() / .to(dtype) / param.data = ... swap the data under the same Parameter object and
+    leave its version counter alone: the entry must still be rebuilt (data pointer, dtype, shape)."""
+    lin = torch.nn.Linear(8, 4)
+    owner = lin.weight
+    first = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    version = owner._version
+    lin.half()
+    assert lin.weight is owner and owner._version == version  # what made the old check miss it
+    second = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    assert second is not first and second.dtype == torch.float16 and torch.equal(second, owner.detach())
+    # half -> float -> new data of the same dtype and shape: a freed buffer's address may come back,
+    # but the entry keeps the data it was built from alive, so the address cannot repeat.
+    lin.float()
+    third = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    assert third.dtype == torch.float32 and torch.equal(third, owner.detach())
+    for _ in range(3):
+        owner.data = torch.randn(4, 8)
+        fresh = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+        assert torch.equal(fresh, owner.detach())
+    owner.data = torch.randn(2, 16)  # same numel, other shape
+    assert dispatch.cached(owner, "dense", lambda: owner.detach().clone()).shape == (2, 16)
+
+
+def test_cached_follows_its_dependencies():
+    owner, meta = torch.randn(4), torch.zeros(2, dtype=torch.uint8)
+    build = lambda: owner.sum() + meta.sum()  # noqa: E731
+    first = dispatch.cached(owner, "v", build, depends=(meta,))
+    assert dispatch.cached(owner, "v", build, depends=(meta,)) is first
+    meta.add_(1)  # only the dependency changes
+    assert float(dispatch.cached(owner, "v", build, depends=(meta,))) == pytest.approx(float(owner.sum()) + 2)
+    meta.data = torch.full((2,), 3, dtype=torch.uint8)
+    assert float(dispatch.cached(owner, "v", build, depends=(meta,))) == pytest.approx(float(owner.sum()) + 6)
+    with pytest.raises(TypeError, match="depends to hold torch.Tensors"):
+        dispatch.cached(owner, "v", build, depends=([1],))
+
+
+def _sparse_modules():
+    """(sparse module, dense twin) pairs of every kind, with random 2:4 / block-sparse weights."""
+    from sparsekernels.nn.blocksparse import BlockSparseLinear
+    from sparsekernels.nn.conv import SparseConv2d
+    from sparsekernels.nn.linear import SparseLinear
+
+    lin = torch.nn.Linear(16, 12)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1)
+    for layer in (lin, conv):
+        w = layer.weight.detach()
+        w2 = w.permute(0, 2, 3, 1).reshape(w.shape[0], -1) if w.dim() == 4 else w
+        keep = torch.rand(w2.shape[0], w2.shape[1] // 4, 4).argsort(-1) < 2
+        w2 = w2 * keep.reshape(w2.shape)
+        with torch.no_grad():
+            layer.weight.copy_(w2.reshape(w.shape[0], *w.shape[2:], w.shape[1]).permute(0, 3, 1, 2) if w.dim() == 4 else w2)
+    blin = torch.nn.Linear(40, 36)
+    with torch.no_grad():
+        blin.weight[:16, 16:] = 0
+        blin.weight[16:, :16] = 0
+    return [
+        (SparseLinear.from_dense(lin), torch.randn(3, 16)),
+        (SparseConv2d.from_dense(conv), torch.randn(2, 8, 5, 5)),
+        (BlockSparseLinear.from_dense(blin, block_size=16, min_block_sparsity=0.1), torch.randn(20, 40)),
+    ]
+
+
+@pytest.mark.parametrize("index", [0, 1, 2], ids=["SparseLinear", "SparseConv2d", "BlockSparseLinear"])
+def test_cpu_dense_copy_follows_dtype_data_and_state_dict_changes(index):
+    """The CPU "auto" path serves a cached dense copy: after every way of changing the module's data it
+    must equal the module's own dense twin, run then."""
+    module, x = _sparse_modules()[index]
+
+    def check(dtype):
+        with torch.no_grad():
+            got = module(x.to(dtype))
+            want = module.to_dense()(x.to(dtype))
+        assert got.dtype == dtype and torch.equal(got, want)
+
+    check(torch.float32)
+    module.half()
+    check(torch.float16)
+    module.float()  # half -> float: rounded values, same dtype and shape as the first copy
+    check(torch.float32)
+    module.bfloat16()
+    module.float()  # two conversions between calls
+    check(torch.float32)
+    state = {k: (v * 2 if v.is_floating_point() else v) for k, v in module.state_dict().items()}
+    module.load_state_dict(state)  # in place (copy_): version bump
+    check(torch.float32)
+    state = {k: (v * 3 if v.is_floating_point() else v.clone()) for k, v in module.state_dict().items()}
+    module.load_state_dict(state, assign=True)  # new Parameter objects
+    check(torch.float32)
+    params = dict(module.named_parameters())
+    first = next(iter(params.values()))
+    first.data = first.data * -1  # .data assignment: no version bump
+    check(torch.float32)
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

@@ -48,13 +48,17 @@ def dtype_reason(layer: nn.Module, *, bias_too: bool) -> Optional[str]:
     return None
 
 
-def load_state(module: nn.Module, tensors: dict[str, torch.Tensor], bias: Optional[torch.Tensor]) -> None:
-    """Copy ``tensors`` (attribute name -> tensor) and ``bias`` (cast to the module's dtype) into ``module``."""
+def converted(cls, src: nn.Module, state: dict[str, torch.Tensor], *args, backend: str, **kwargs) -> nn.Module:
+    """``cls(*args, **kwargs)`` built like ``src`` (bias or not, device, dtype) and given ``state``
+    (attribute name -> tensor) and ``src``'s bias: the common tail of every ``from_dense``."""
+    w = src.weight
+    layer = cls(*args, bias=src.bias is not None, backend=backend, device=w.device, dtype=w.dtype, **kwargs)
     with torch.no_grad():
-        for name, t in tensors.items():
-            getattr(module, name).copy_(t)
-        if bias is not None:
-            module.bias.copy_(bias.detach())
+        for name, t in state.items():
+            getattr(layer, name).copy_(t)
+        if src.bias is not None:
+            layer.bias.copy_(src.bias.detach())  # cast to the weight's dtype
+    return layer
 
 
 def dense_twin(module: nn.Module, dense: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -64,3 +68,11 @@ def dense_twin(module: nn.Module, dense: nn.Module, weight: torch.Tensor) -> nn.
         if module.bias is not None:
             dense.bias.copy_(module.bias)
     return dense
+
+
+def dense_linear(module: nn.Module, weight: torch.Tensor) -> nn.Linear:
+    """An ``nn.Linear`` with ``weight`` (``[out, in]``) and ``module``'s bias, on ``weight``'s device and dtype."""
+    linear = nn.Linear(
+        module.in_features, module.out_features, bias=module.bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    return dense_twin(module, linear, weight)

@@ -10,7 +10,7 @@ from torch import nn
 from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, _cdiv, block_sparsity, compress_blocks
 from ..ops._backend import check_backend
 from ..ops.blocksparse_linear import _block_sparse_linear_op
-from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_bias
+from ._common import check_dtype, converted, dense_linear, dtype_reason, register_bias
 
 __all__ = ["BlockSparseLinear"]
 
@@ -167,20 +167,8 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"BlockSparseLinear.from_dense(): cannot convert {linear!r}: {reason}")
         bs, _ = cls._choose_block_size(linear, block_size, min_block_sparsity)
         wb = compress_blocks(linear.weight, bs)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            wb.nnz_blocks,
-            bs,
-            bias=linear.bias is not None,
-            backend=backend,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-        load_state(
-            layer, {"block_values": wb.values, "block_row_ptr": wb.row_ptr, "block_col_idx": wb.col_idx}, linear.bias
-        )
-        return layer
+        state = {"block_values": wb.values, "block_row_ptr": wb.row_ptr, "block_col_idx": wb.col_idx}
+        return converted(cls, linear, state, linear.in_features, linear.out_features, wb.nnz_blocks, bs, backend=backend)
 
     @property
     def weight_blocks(self) -> BlockSparseWeight:
@@ -195,11 +183,7 @@ class BlockSparseLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with exactly this layer's weights, on the same device and dtype."""
-        values = self.block_values
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
-        )
-        return dense_twin(self, linear, self.weight_blocks.to_dense())
+        return dense_linear(self, self.weight_blocks.to_dense())
 
     # -- forward ------------------------------------------------------------------------------------
 

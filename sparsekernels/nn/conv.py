@@ -16,7 +16,7 @@ from ..ops.sparse24_conv2d import (
     conv_weight_from_2d,
     conv_weight_to_2d,
 )
-from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_24_state
+from ._common import check_dtype, converted, dense_twin, dtype_reason, register_24_state
 
 __all__ = ["SparseConv2d"]
 
@@ -153,20 +153,11 @@ class SparseConv2d(nn.Module):
         if reason is not None:
             raise ValueError(f"SparseConv2d.from_dense(): cannot convert {conv!r}: {reason}")
         w24 = compress_24(conv_weight_to_2d(conv.weight.detach()))
-        layer = cls(
-            conv.in_channels,
-            conv.out_channels,
-            tuple(conv.kernel_size),
-            stride=tuple(conv.stride),
-            padding=_numeric_padding(conv),
-            dilation=tuple(conv.dilation),
-            bias=conv.bias is not None,
-            backend=backend,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
+        return converted(
+            cls, conv, {"weight_values": w24.values, "weight_meta": w24.meta},
+            conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
+            stride=tuple(conv.stride), padding=_numeric_padding(conv), dilation=tuple(conv.dilation), backend=backend,
         )
-        load_state(layer, {"weight_values": w24.values, "weight_meta": w24.meta}, conv.bias)
-        return layer
 
     @property
     def weight24(self) -> Sparse24Weight:

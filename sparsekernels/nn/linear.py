@@ -9,7 +9,7 @@ from torch import nn
 from ..formats.sparse24 import Sparse24Weight, compress_24, first_non24_group
 from ..ops._backend import check_backend
 from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_checked
-from ._common import check_dtype, dense_twin, dtype_reason, load_state, register_24_state
+from ._common import check_dtype, converted, dense_linear, dtype_reason, register_24_state
 
 __all__ = ["SparseLinear"]
 
@@ -100,16 +100,8 @@ class SparseLinear(nn.Module):
         if reason is not None:
             raise ValueError(f"SparseLinear.from_dense(): cannot convert {linear!r}: {reason}")
         w24 = compress_24(linear.weight)
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            backend=backend,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-        )
-        load_state(layer, {"weight_values": w24.values, "weight_meta": w24.meta}, linear.bias)
-        return layer
+        state = {"weight_values": w24.values, "weight_meta": w24.meta}
+        return converted(cls, linear, state, linear.in_features, linear.out_features, backend=backend)
 
     @property
     def weight24(self) -> Sparse24Weight:
@@ -118,11 +110,7 @@ class SparseLinear(nn.Module):
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with exactly this layer's weights, on the same device and dtype."""
-        values = self.weight_values
-        linear = nn.Linear(
-            self.in_features, self.out_features, bias=self.bias is not None, device=values.device, dtype=values.dtype
-        )
-        return dense_twin(self, linear, self.weight24.to_dense())
+        return dense_linear(self, self.weight24.to_dense())
 
     # -- forward ------------------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from ..formats.sparse24 import SUPPORTED_DTYPES
+
 __all__ = ["BACKENDS", "ENV_VAR", "resolve_backend", "interpreter_enabled", "triton_usable"]
 
 BACKENDS = ("auto", "triton", "reference", "dense", "cusparselt")
@@ -112,20 +114,14 @@ def backend_forced() -> bool:
 
 
 def cpu_fast_path_applies(x, backend: str) -> bool:
-    """Eager CPU ``"auto"`` call that may skip the checks and the custom op: ``backend="auto"``, a plain
-    CPU tensor of a supported dtype, no ``SPARSEKERNELS_BACKEND`` override, not tracing.
-
-    The full checks, backend resolution and custom-op dispatch cost 10-25 us per call (a third of a
-    1024x1024 GEMV at M=1, 10 % of a 64->64 1x1 conv at 56x56), more than a whole small layer.
-    """
+    """May this call skip the checks and the custom op (10-25 us: a third of a 1024x1024 GEMV at M=1,
+    more than a small layer)? Yes for eager CPU ``"auto"``: a plain CPU tensor of a supported dtype, no
+    ``SPARSEKERNELS_BACKEND`` override, not tracing."""
     return (
         backend == "auto"
         and type(x) is torch.Tensor
         and x.is_cpu
-        and x.dtype in _FLOAT_DTYPES
+        and x.dtype in SUPPORTED_DTYPES
         and not backend_forced()
         and not _is_compiling()
     )
-
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

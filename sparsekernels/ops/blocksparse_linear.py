@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..formats.blocksparse import BlockSparseWeight
 from ._backend import check_bias_like_x, check_x_like_weight, interpreter_enabled, pow2_bucket, resolve_backend
-from ._cache import cached
+from ._cache import _cached as cached
 
 __all__ = [
     "block_sparse_linear",

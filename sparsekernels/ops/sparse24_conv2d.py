@@ -33,7 +33,7 @@ from ._backend import (
     pow2_bucket,
     resolve_backend,
 )
-from ._cache import cached
+from ._cache import _cached as cached
 
 __all__ = ["sparse24_conv2d", "sparse24_conv2d_reference", "conv_weight_to_2d", "conv_weight_from_2d"]
 
@@ -106,6 +106,7 @@ def _output_format(x: torch.Tensor) -> torch.memory_format:
 # Triton kernel (triton is imported lazily: only when a kernel is launched)
 # --------------------------------------------------------------------------------------------------
 _KERNEL = None
+_select_24 = None  # the shared @triton.jit 2:4 selection (sparse24_linear._select_24_jit), bound lazily
 
 
 def _autotune_configs():
@@ -136,12 +137,15 @@ def _interpreter_config():
 
 
 def _get_kernel():
-    global _KERNEL
+    global _KERNEL, _select_24
     if _KERNEL is not None:
         return _KERNEL
     import triton
     import triton.language as tl
 
+    from .sparse24_linear import _select_24_jit
+
+    _select_24 = _select_24_jit()
     configs = _interpreter_config() if interpreter_enabled() else _autotune_configs()
 
     @triton.autotune(configs=configs, key=["M_BUCKET", "N", "C", "H", "W", "KH", "KW", "IS_GEMM", "HAS_BIAS"])
@@ -199,8 +203,8 @@ def _get_kernel():
                         other=0.0,
                     )
                     # Expand the 2:4 weight tile [BLOCK_K, BLOCK_N]: dense column k of group g = k // 4
-                    # holds value 2g if its in-group position is the first stored one, 2g + 1 if it is the
-                    # second, else zero (compress_24 always stores two distinct positions).
+                    # holds value 2g or 2g + 1 (or zero) by its in-group position k % 4. Gathered per
+                    # column: a K tile here need not start on a metadata byte (C may be 4 mod 8).
                     k = k_base + c
                     g = k // 4
                     w_mask = c_ok[:, None] & n_mask[None, :]
@@ -209,7 +213,7 @@ def _get_kernel():
                     byte = tl.load(meta_rows + (g // 2)[:, None], mask=w_mask, other=0).to(tl.int32)
                     nibble = (byte >> ((g % 2) * 4)[:, None]) & 0xF
                     pos = (k % 4)[:, None]
-                    w = tl.where(pos == (nibble & 0x3), v0, tl.where(pos == (nibble >> 2), v1, 0.0))
+                    w = _select_24(pos, nibble, v0, v1)
                     acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]

@@ -37,7 +37,7 @@ from ._backend import (  # noqa: F401  (backend_forced: imported from here by ol
     pow2_bucket,
     resolve_backend,
 )
-from ._cache import cached
+from ._cache import _cached as cached
 
 __all__ = ["sparse24_linear", "sparse24_linear_reference", "expand_24"]
 
@@ -121,11 +121,36 @@ def _bucket_m(m: int) -> int:
     return min(pow2_bucket(m), 8192)
 
 
+# The @triton.jit helper below, bound by the kernel factory: a kernel finds the jit functions it calls
+# among its module's globals (Triton's interpreter does not see a factory's local names).
+_select_24 = None
+
+
+@functools.lru_cache(maxsize=1)
+def _select_24_jit():
+    """The ``@triton.jit`` core of the in-register 2:4 expansion, shared with the conv kernel (whose
+    kernel factory calls this one, so triton stays imported lazily in both files)."""
+    global tl  # Triton's interpreter looks for triton.language among a jit function's module globals
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _select_24(pos, nibble, v0, v1):
+        # Dense in-group position ``pos`` holds v0 if it is the nibble's first stored position (bits 0-1),
+        # v1 if the second (bits 2-3), else zero (compress_24 always stores two distinct positions).
+        return tl.where(pos == (nibble & 0x3), v0, tl.where(pos == (nibble >> 2), v1, tl.zeros_like(v0)))
+
+    return _select_24
+
+
 @functools.lru_cache(maxsize=1)
 def _kernel():
     """Compile-once holder of the ``@triton.jit`` kernel (imports triton on first use only)."""
     import triton
     import triton.language as tl
+
+    global _select_24
+    _select_24 = _select_24_jit()
 
     @triton.jit
     def _sparse24_linear_kernel(
@@ -180,14 +205,11 @@ def _kernel():
             ).to(tl.int32)
             # byte b -> groups 2b (low nibble), 2b+1 (high nibble); nibble -> two 2-bit positions.
             nib = tl.reshape(tl.join(mbyte & 0xF, (mbyte >> 4) & 0xF), (BLOCK_N, BLOCK_K // 4))
-            pos0 = nib & 0x3
-            pos1 = nib >> 2
             v0, v1 = tl.split(tl.reshape(vals, (BLOCK_N, BLOCK_K // 4, 2)))
-            zero = tl.zeros_like(v0)
-            d0 = tl.where(pos0 == 0, v0, tl.where(pos1 == 0, v1, zero))
-            d1 = tl.where(pos0 == 1, v0, tl.where(pos1 == 1, v1, zero))
-            d2 = tl.where(pos0 == 2, v0, tl.where(pos1 == 2, v1, zero))
-            d3 = tl.where(pos0 == 3, v0, tl.where(pos1 == 3, v1, zero))
+            d0 = _select_24(0, nib, v0, v1)
+            d1 = _select_24(1, nib, v0, v1)
+            d2 = _select_24(2, nib, v0, v1)
+            d3 = _select_24(3, nib, v0, v1)
             # join(join(d0, d2), join(d1, d3))[..., j, i] = d[2j + i]: column 4g + p holds d_p of group g.
             w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
             kx = k0 + offs_k

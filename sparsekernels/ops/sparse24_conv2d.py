@@ -69,10 +69,9 @@ def _cached_dense_conv_weight(values, meta, in_channels: int, kernel_size) -> to
     """The dense conv weight for ``values``/``meta``, expanded once and kept while ``values`` lives
     (rebuilt when either tensor changes: see :func:`~sparsekernels.ops._cache.cached`). Kept in a side
     table, not on the tensor, so ``torch.save`` never pickles the dense copy."""
-    kh, kw = kernel_size
     return cached(
-        values, f"conv_dense {in_channels}x{kh}x{kw}",
-        lambda: _dense_conv_weight(values.detach(), meta, in_channels, kernel_size), depends=(meta,),
+        values, ("conv_dense", in_channels, kernel_size), (meta,), _dense_conv_weight, values, meta, in_channels,
+        kernel_size,
     )
 
 
@@ -80,13 +79,22 @@ def _cpu_auto(x, values, meta, bias, stride, padding, dilation, kernel_size) -> 
     """CPU ``"auto"``: ``F.conv2d`` (oneDNN) on the cached dense copy.
 
     Neither the im2col reference (1.5-7.9x the time of nn.Conv2d) nor expanding per call (1.07-1.77x)
-    keeps up with nn.Conv2d; the cached copy is nn.Conv2d plus the per-call Python work. 2026-11-25,
-    shared 2-core EPYC, 1 thread, fp32, batch 1, best of 7 alternating rounds of 30 calls, the first
-    ResNet-50 shapes (the quick suite's): through the custom op (~26 us per call) SparseConv2d ran at
-    0.92x of nn.Conv2d on 64->64 1x1 @56x56 (0.310 vs 0.285 ms) and 0.98x on 64->64 3x3 (2.19 vs 2.14
-    ms), sparse24_conv2d at 0.90x / 0.97x of F.conv2d; the 0.4-0.5x reading was not reproduced. The
-    eager fast path (SparseConv2d.forward, sparse24_conv2d) now skips the custom op; measured after
-    that change: see the cpu_fast_path note in docs/sparse24.md and the comment in SparseConv2d.forward.
+    keeps up with nn.Conv2d; the cached copy is nn.Conv2d plus the per-call Python work, which the
+    eager fast path (SparseConv2d.forward, sparse24_conv2d) keeps small by skipping the custom op
+    (~20 us of dispatch per call). Measured 2026-11-25, shared 2-core EPYC, torch.set_num_threads(1),
+    fp32, batch 1, best of 7 alternating rounds of 30 calls, time(dense) / time(sparse):
+
+        shape (ResNet-50)      before (through the custom op)     now (fast path)
+                               module    sparse24_conv2d          module    sparse24_conv2d
+        64->64   1x1 @56x56    0.92x     0.89x                    0.99x     0.95x
+        64->64   3x3 @56x56    0.98x     0.95x                    1.00x     0.99x
+        64->256  1x1 @56x56    0.96x     0.95x                    1.00x     0.98x
+        256->64  1x1 @56x56    0.96x     0.95x                    0.99x     0.98x
+
+    (module: SparseConv2d vs nn.Conv2d; sparse24_conv2d, which also checks its arguments (~7 us), vs
+    F.conv2d.) bench.layers' quick CPU suite (5 interleaved rounds) gives auto 1.18x / 0.98x of dense
+    on the first two rows (1.10x / 0.97x before). The reported 0.4-0.5x did not reproduce; it matches
+    that suite's "reference" (im2col) rows, 0.43x / 0.26x, not "auto".
     """
     weight = _cached_dense_conv_weight(values, meta, x.shape[1], kernel_size)
     return _dense(x, weight, bias, stride, padding, dilation)

@@ -191,7 +191,17 @@ def forward_batch(model: nn.Module, batch):
     if isinstance(batch, Mapping):
         return model(**batch)
     if isinstance(batch, (tuple, list)):
-        return model(*batch)
+        try:
+            return model(*batch)
+        except TypeError as err:
+            if "positional argument" not in str(err):
+                raise
+            # The usual cause: an (inputs, targets) batch from a classification DataLoader.
+            raise TypeError(
+                f"calibration batch: a {type(batch).__name__} of {len(batch)} is passed as positional arguments, "
+                f"model(*batch), and the model rejected them ({err}); if the batches are (inputs, targets), "
+                "pass the inputs only, e.g. calib=[x for x, _ in loader]"
+            ) from err
     raise TypeError(
         f"calibration batch: expected a tensor, a tuple of positional arguments or a dict of keyword arguments, "
         f"got {type(batch).__name__}"
@@ -416,7 +426,7 @@ def taylor_scores(
 
     Raises:
         TypeError: ``calib`` not iterable, ``loss_fn`` not callable, or the loss is not a scalar tensor.
-        ValueError: ``calib`` is empty.
+        ValueError: ``calib`` is empty, or the loss carries no gradient (computed under ``no_grad`` / detached).
     """
     fn = "taylor_scores()"
     _check_iterable(fn, calib)
@@ -436,7 +446,13 @@ def taylor_scores(
                 seen += 1
                 loss = loss_fn(model, move_batch(batch, device))
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                    raise TypeError(f"{fn}: expected loss_fn to return a scalar tensor, got {type(loss).__name__}")
+                    got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                    raise TypeError(f"{fn}: expected loss_fn to return a scalar tensor, got {got}")
+                if not loss.requires_grad:
+                    raise ValueError(
+                        f"{fn}: expected a loss computed from the model's weights (requires_grad=True), got a loss "
+                        "without a gradient (computed under torch.no_grad() or detached?)"
+                    )
                 grads = torch.autograd.grad(loss.reshape(()), params, allow_unused=True)
                 for n, p, g in zip(names, params, grads):
                     if g is not None:

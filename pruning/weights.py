@@ -381,21 +381,58 @@ def prune_weights(
     return PruningReport(str(pat), crit.name, tuple(layers), tuple(skipped))
 
 
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a weight-bearing layer that ``prune_weights`` does not handle is left dense, or ``None`` for
+    modules that are not such layers (embeddings, norms, containers...)."""
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    kind = type(module).__name__
+    if kind == "Conv1D" and hasattr(module, "nf"):
+        return (
+            "transformers Conv1D (weight stored [in, out]) is not supported; only nn.Linear and nn.Conv2d "
+            "are pruned (convert it to nn.Linear with weight.t() first)"
+        )
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{kind} is not supported; only nn.Linear and nn.Conv2d are pruned"
+    return None
+
+
 def _select_layers(model, pat, crit, filter_fn, sparsity):
     """The eligible Linear / Conv2d layers, the skipped ones with reasons, and every candidate's name."""
     selected: dict[str, nn.Module] = {}
     skipped: list[SkippedLayer] = []
     owners: dict[int, str] = {}
     all_names = []
+    candidates = []  # the Linear / Conv2d layers
+    # Parameters held by other modules (e.g. a token embedding tied to an LM head): pruning a layer that
+    # shares one would silently zero entries of that module too.
+    foreign: dict[int, str] = {}
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            for p in module._parameters.values():
+                if p is not None:
+                    foreign.setdefault(id(p), f"{name!r} ({type(module).__name__})")
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            why = _unsupported_reason(module)
+            if why is not None and (filter_fn is None or filter_fn(name, module)):
+                # Listed so that a model made of such layers (GPT-2's Conv1D) is not pruned silently.
+                all_names.append(name)
+                skipped.append(SkippedLayer(name, type(module).__name__, why))
             continue
         all_names.append(name)
+        candidates.append(name)
         kind = type(module).__name__
         if filter_fn is not None and not filter_fn(name, module):
             skipped.append(SkippedLayer(name, kind, "excluded by filter_fn"))
             continue
         reason = _eligibility(module, pat, crit)
+        if reason is None and id(module.weight) in foreign:
+            reason = (
+                f"shares its weight with {foreign[id(module.weight)]}, which is not pruned; pruning it would zero "
+                "entries there too (untie the weights to prune it)"
+            )
         if reason is None and id(module.weight) in owners:
             reason = f"shares its weight with {owners[id(module.weight)]!r} (pruned there)"
         if reason is None and isinstance(sparsity, Mapping) and name not in sparsity:
@@ -406,7 +443,7 @@ def _select_layers(model, pat, crit, filter_fn, sparsity):
         owners[id(module.weight)] = name
         selected[name] = module
     if isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(all_names))
+        unknown = sorted(set(sparsity) - set(candidates))
         if unknown:
             raise ValueError(
                 f"prune_weights(): sparsity mapping names layers that are not Linear/Conv2d in the model: {unknown}"

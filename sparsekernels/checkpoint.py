@@ -284,8 +284,15 @@ def load_sparse(
     replace_modules(model, replacements, occ)
 
     state = load_file(os.fspath(path), device=str(device))
+    # Re-tie: a tied Parameter must come back as ONE Parameter object held by every owner. Handing
+    # load_state_dict(assign=True) the same plain tensor twice gives each owner its own Parameter wrapper
+    # (shared memory, but `a.weight is b.weight` False, counted twice by parameters(), two optimizer states).
+    param_names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
     for alias, kept in record.get("aliases", {}).items():
-        state[alias] = state[kept]
+        t = state[kept]
+        if alias in param_names and kept in param_names and not isinstance(t, nn.Parameter):
+            t = state[kept] = nn.Parameter(t)  # requires_grad is then set from the model's own parameter
+        state[alias] = t
     nonpersistent = {name: state.pop(_NONPERSISTENT + name) for name in record.get("nonpersistent_buffers", [])
                      if _NONPERSISTENT + name in state}
     model.load_state_dict(state, strict=strict, assign=True)

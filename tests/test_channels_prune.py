@@ -282,6 +282,8 @@ def test_iterative_pruning_with_finetune():
     [
         ({"ratio": 1.0}, ValueError, "ratio"),
         ({"ratio": -0.1}, ValueError, "ratio"),
+        ({"ratio": float("nan")}, ValueError, r"0 <= ratio < 1, got nan"),
+        ({"per_layer": {"features.0.0": float("inf")}}, ValueError, r"0 <= per_layer\['features.0.0'\] < 1, got inf"),
         ({"ratio": "half"}, TypeError, "ratio"),
         ({"importance": "random"}, ValueError, "importance"),
         ({"round_to": 0}, ValueError, "round_to"),
@@ -359,6 +361,106 @@ def test_taylor_with_custom_loss_and_bn_scale_fallback():
                             progress=False)
     assert len(calls) == 2 and pruned.features[0][0].out_channels == 6
     assert all(p.grad is None for p in model.parameters())  # the input model saw no backward pass
+    # a loss that is not a scalar, or carries no gradient, is reported (was autograd's bare RuntimeError)
+    before = copy.deepcopy(model)
+    with pytest.raises(TypeError, match=r"scalar tensor, got a tensor of shape \(2, 5\)"):
+        prune_channels(model, x, ratio=0.5, importance="taylor", calib=calib, loss_fn=lambda m, b: m(b),
+                       progress=False)
+    with pytest.raises(ValueError, match="without a gradient"):
+        prune_channels(model, x, ratio=0.5, importance="taylor", calib=calib,
+                       loss_fn=lambda m, b: m(b).pow(2).mean().detach(), progress=False)
+    assert state_equal(model, before)
     # bn_scale: features.3 (a conv without BatchNorm) still gets pruned, by its weights' L1 norm
     pruned = prune_channels(model, x, ratio=0.5, importance="bn_scale", progress=False)
     assert pruned.features[3].out_channels == 8 and pruned.head[1].in_features == 8 * 9
+
+
+class ConcatSE(nn.Module):
+    """Residual stem -> depthwise/pointwise branch, ``cat([y, z])`` gated by squeeze-and-excitation: the
+    concatenation joins the stem's channels and the pointwise conv's into one group whose spaces each hold
+    only part of its units (the SE gate spans all 40)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16)
+        self.a = nn.Conv2d(16, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.pw = nn.Conv2d(16, 24, 1)
+        self.f1, self.f2 = nn.Conv2d(40, 10, 1), nn.Conv2d(10, 40, 1)
+        self.fc = nn.Linear(40, 7)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = x + self.bn(self.a(x))
+        c = torch.cat([y, self.pw(self.dw(y))], 1)
+        c = c * torch.sigmoid(self.f2(F.relu(self.f1(c.mean((2, 3), keepdim=True)))))
+        return self.fc(c.mean((2, 3)))
+
+
+@pytest.mark.parametrize("ratio", [0.4, 0.99])
+def test_concat_gated_by_se_is_pruned_and_no_part_emptied(ratio):
+    """Regression: this group used to be kept whole ("units of unequal sizes"), so MACs did not drop at any
+    ratio; at ratio 0.99 every part of the concatenation must still keep a channel."""
+    model = randomize(ConcatSE()).double()
+    x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
+    original = copy.deepcopy(model)
+    pruned, report = prune_channels(model, x, ratio=ratio, return_report=True, progress=False)
+    assert state_equal(model, original)
+    assert report.kept == ("model output: output shapes are kept",)
+    assert report.macs_after < 0.6 * report.macs_before
+    stem, pw = pruned.stem[0].out_channels, pruned.pw.out_channels
+    assert 1 <= stem < 16 and 1 <= pw < 24
+    assert pruned.f2.out_channels == pruned.fc.in_features == stem + pw
+    assert pruned.dw.groups == pruned.dw.out_channels == stem
+    if ratio == 0.99:
+        assert (stem, pw) == (1, 1)
+    masked = mask_channels(model, report).eval()
+    with torch.no_grad():
+        out, ref = pruned.eval()(x), masked(x)
+    assert out.shape == (2, 7)
+    assert_close_rel(out, ref, torch.float32, factor=1e-6)
+
+
+class TiedLinears(nn.Module):
+    """``l2`` shares ``l1``'s weight; with ``first_tied`` the model input feeds ``l1`` directly."""
+
+    def __init__(self, first_tied: bool):
+        super().__init__()
+        self.first_tied = first_tied
+        self.a = nn.Linear(5, 8)
+        self.l1, self.l2 = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.l2.weight = self.l1.weight
+        self.o = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x if self.first_tied else F.relu(self.a(x))
+        return self.o(F.relu(self.l2(F.relu(self.l1(h)))))
+
+
+def test_tied_weights_stay_tied_and_are_pruned_consistently():
+    """Regression: only the first holder of a tied parameter got the pruned tensor (the second kept the
+    old one, the check forward failed and everything was kept), and a tied use on the untraced model input
+    was not seen as fixing the width."""
+    torch.manual_seed(0)
+    model = TiedLinears(first_tied=False).double().eval()
+    x = torch.randn(4, 5, dtype=torch.float64)
+    original = copy.deepcopy(model)
+    pruned, report = prune_channels(model, x, ratio=0.5, return_report=True, progress=False)
+    assert state_equal(model, original)
+    assert report.kept == ("model output: output shapes are kept",)
+    assert pruned.l1.weight is pruned.l2.weight and pruned.l1.weight.shape == (4, 4)
+    assert pruned.a.out_features == pruned.l2.in_features == pruned.o.in_features == 4
+    masked = mask_channels(model, report).eval()
+    with torch.no_grad():
+        assert_close_rel(pruned(x), masked(x), torch.float32, factor=1e-6)
+
+    # l1 reads the 8 model inputs, so the tied weight's input width (= its output width) is fixed
+    model = TiedLinears(first_tied=True).double().eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    pruned, report = prune_channels(model, x, ratio=0.5, return_report=True, progress=False)
+    assert any("tied parameter l1.weight" in k for k in report.kept)
+    assert not any("failed on pruned shapes" in k for k in report.kept)
+    assert pruned.l1.weight is pruned.l2.weight and pruned.l1.weight.shape == (8, 8)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), model(x))

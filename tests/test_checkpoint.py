@@ -153,6 +153,12 @@ def test_tied_weights_stored_once(tmp_path):
     assert record["aliases"] == {"head.weight": "emb.weight"}
     loaded = sk.load_sparse(Tied, tmp_path / "t.safetensors")
     assert loaded.head.weight.data_ptr() == loaded.emb.weight.data_ptr()
+    # re-tied as one Parameter (it used to come back as two Parameter objects over the same memory)
+    assert loaded.head.weight is loaded.emb.weight
+    assert isinstance(loaded.emb.weight, nn.Parameter) and loaded.emb.weight.requires_grad
+    assert len(list(loaded.parameters())) == len(list(model.parameters()))
+    into = Tied()  # loading into an existing instance re-ties too
+    assert sk.load_sparse(into, tmp_path / "t.safetensors").head.weight is into.emb.weight
     with torch.no_grad():
         assert torch.equal(loaded(ids), ref)
 

@@ -92,6 +92,11 @@ def test_no_command_prints_help_and_version(capsys):
         (["prune", "torch:randn", "--pattern", "2:4", "--out", "x.safetensors"], "prune", "failed when called"),
         (["prune", "resnet18", "--pattern", "2:4", "--input-shape", "1,a", "--out", "x.safetensors"], "prune", "shape"),
         (["prune", "resnet18", "--pattern", "2:4", "--input-shape", "1,0,3", "--out", "x.safetensors"], "prune", "shape"),
+        # a stray separator or letter used to be dropped silently ("1,3,x" ran as (1, 3))
+        (["prune", "resnet18", "--pattern", "2:4", "--input-shape", "1,3,x", "--out", "x.safetensors"], "prune",
+         "shape of positive integers"),
+        (["prune", "resnet18", "--pattern", "2:4", "--input-shape", "1,,3", "--out", "x.safetensors"], "prune",
+         "shape of positive integers"),
         (["bench", "everything"], "bench", "invalid choice"),
         (["bench", "--dtype", "fp8"], "bench", "invalid choice"),
         (["bench", "--budget-s", "-1"], "bench", "positive number"),
@@ -106,6 +111,19 @@ def test_bad_arguments_exit_2_with_one_line(argv, command, needle, capsys, tmp_p
     assert code == 2, (argv, out, err)
     line = _one_line_error(err, argv[0] if command else "")
     assert needle in line, line
+
+
+def test_parse_shape_accepts_separators_and_rejects_stray_tokens():
+    from sparsekernels.app import UsageError, parse_shape
+
+    assert parse_shape("1,3,224,224") == (1, 3, 224, 224)
+    assert parse_shape(" 2 x 3 x 5 ") == (2, 3, 5)
+    assert parse_shape("1, 3, 7") == (1, 3, 7)
+    assert parse_shape("4 128") == (4, 128)
+    assert parse_shape("2×9") == (2, 9)
+    for bad in ("1,3,x", "1,,3", "x1", "1,3,", "", "1.5,2", "1,-3", "1,0"):
+        with pytest.raises(UsageError, match="shape of positive integers"):
+            parse_shape(bad)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

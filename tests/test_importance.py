@@ -155,8 +155,13 @@ def test_taylor_scores_sum_per_batch_abs_products_and_leave_grads_alone():
     assert rel_error(scores["2"], expect) <= RTOL[torch.float32]
     assert torch.equal(model[2].weight.grad, sentinel), ".grad must be untouched"
     assert not model[0].weight.requires_grad, "requires_grad must be restored"
-    with pytest.raises(TypeError, match="scalar"):
+    with pytest.raises(TypeError, match=r"scalar tensor, got a tensor of shape \(4, 3\)"):
         taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: m(b[0]), progress=False)
+    with pytest.raises(TypeError, match="scalar tensor, got int"):
+        taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: 3, progress=False)
+    with pytest.raises(ValueError, match="without a gradient"):  # was autograd's bare RuntimeError
+        taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: loss_fn(m, b).detach(), progress=False)
+    assert torch.equal(model[2].weight.grad, sentinel) and not model[0].weight.requires_grad
     with pytest.raises(TypeError, match="loss_fn"):
         taylor_scores(model, {"2": model[2].weight}, batches, None, progress=False)
     with pytest.raises(ValueError, match="at least one"):

@@ -335,3 +335,64 @@ def test_hugging_face_model_with_dict_batches():
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     for layer in report.layers:
         _assert_valid_24(model.get_submodule(layer.name))
+
+
+def test_gpt2_conv1d_layers_and_lm_head_tied_to_embedding_are_reported_not_silently_handled():
+    """GPT-2 keeps its projections in transformers ``Conv1D`` (weight ``[in, out]``) and ties ``lm_head`` to
+    the token embedding: the Conv1D layers are listed as unsupported and ``lm_head`` is left dense (pruning
+    it would zero embedding entries), so the model is unchanged and the report says why."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16)).eval()
+    before = copy.deepcopy(model.state_dict())
+    calib = [{"input_ids": torch.randint(0, 64, (2, 8))}]
+    report = prune_weights(model, "2:4", "wanda", calib=calib, progress=False)
+    assert report.layers == ()
+    reasons = {s.name: (s.kind, s.reason) for s in report.skipped}
+    conv1d = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
+              "transformer.h.0.mlp.c_proj"]
+    assert list(reasons) == conv1d + ["lm_head"]
+    for name in conv1d:
+        assert reasons[name][0] == "Conv1D" and "Conv1D" in reasons[name][1] and "not supported" in reasons[name][1]
+    assert "shares its weight with 'transformer.wte' (Embedding)" in reasons["lm_head"][1]
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and not list(pruning.weights.masked_modules(model))
+    # filter_fn also governs the unsupported-layer entries; a mapping may not name a Conv1D layer
+    report = prune_weights(model, "2:4", filter_fn=lambda n, m: "mlp" in n, progress=False)
+    assert [s.name for s in report.skipped if s.kind == "Conv1D"] == conv1d[2:]
+    with pytest.raises(ValueError, match="not Linear/Conv2d"):
+        prune_weights(model, "unstructured", sparsity={"transformer.h.0.mlp.c_fc": 0.5}, progress=False)
+
+
+def test_other_conv_kinds_reported_and_untied_head_pruned():
+    model = nn.Sequential(nn.Conv1d(4, 8, 3), nn.Flatten(), nn.Linear(8 * 6, 8))
+    report = prune_weights(model, "2:4", progress=False)
+    assert report.pruned_names == ["2"]
+    assert [(s.name, s.kind) for s in report.skipped] == [("0", "Conv1d")]
+    assert "Conv1d is not supported" in report.skipped[0].reason
+    assert int((model[0].weight == 0).sum()) == 0
+
+    emb, head = nn.Embedding(16, 8), nn.Linear(8, 16, bias=False)
+    head.weight = nn.Parameter(emb.weight.detach().clone())   # untied copy: pruned, embedding untouched
+    report = prune_weights(nn.ModuleDict({"emb": emb, "head": head}), "2:4", progress=False)
+    assert report.pruned_names == ["head"] and int((emb.weight == 0).sum()) == 0
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_inputs_targets_batches_give_a_clear_error_and_leave_model_unchanged(criterion):
+    """A classification DataLoader yields (inputs, targets); calib tuples are positional arguments, so the
+    forward fails: the error says so and how to fix it, and the model is untouched."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = copy.deepcopy(model.state_dict())
+    loader = DataLoader(TensorDataset(torch.randn(24, 16), torch.randint(0, 4, (24,))), batch_size=8)
+    with pytest.raises(TypeError, match=r"list of 2 is passed as positional arguments.*calib=\[x for x, _ in loader\]"):
+        prune_weights(model, "2:4", criterion, calib=loader, progress=False)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
+    # inputs only: works
+    report = prune_weights(model, "2:4", criterion, calib=[x for x, _ in loader], progress=False)
+    assert report.overall_sparsity == 0.5 and len(report.layers) == 2

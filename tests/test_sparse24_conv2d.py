@@ -254,6 +254,23 @@ def test_padding_same_and_valid_convert():
     assert SparseConv2d.from_dense(masked_conv(8, 6, 3, padding="valid")).padding == (0, 0)
 
 
+def test_unbatched_input_like_conv2d():
+    # nn.Conv2d takes an unbatched [C, H, W] input; the swapped layer used to reject it
+    conv = masked_conv(8, 6, 3, padding=1, stride=(2, 1)).eval()
+    layer = SparseConv2d.from_dense(conv)
+    x = torch.randn(8, 7, 5)
+    with torch.no_grad():
+        ref = conv(x)
+    out = layer(x)
+    assert out.shape == ref.shape == (6, 4, 5)
+    assert torch.equal(out, ref)  # auto on the CPU: the same dense conv
+    layer.backend = "reference"
+    assert_close_rel(layer(x), F.conv2d(x[None].double(), conv.weight.double(), conv.bias.double(),
+                                        conv.stride, conv.padding)[0], torch.float32)
+    with pytest.raises(ValueError, match=r"\[B, 8, H, W\]"):
+        layer(torch.randn(4, 7, 5))
+
+
 def test_meta_build_and_assign_load_and_cache_refresh():
     conv = masked_conv(8, 6, 3, padding=1)
     layer = SparseConv2d.from_dense(conv)
@@ -329,3 +346,22 @@ def test_module_exports():
     ep = torch.export.export(layer, (x,))
     assert any(n.target == torch.ops.sparsekernels.sparse24_conv2d.default for n in ep.graph.nodes)
     assert torch.equal(ep.module()(x), layer(x))
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense"])
+def test_input_and_bias_gradients_through_the_op(backend):
+    # the custom op had no autograd formula: only the eager CPU "auto" fast path (plain F.conv2d) could
+    # backpropagate; every other backend raised "no autograd formula was registered"
+    torch.manual_seed(0)
+    weight, w24 = masked_conv_weight(6, 8, 3, 2)
+    x = torch.randn(2, 8, 7, 6, requires_grad=True)
+    bias = torch.randn(6, requires_grad=True)
+    kw = dict(stride=(2, 1), padding=(1, 0), dilation=(1, 2))
+    y = sparse24_conv2d(x, w24, bias, backend=backend, kernel_size=(3, 2), **kw)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    (F.conv2d(x64, weight.double(), b64, **kw) * g.double()).sum().backward()
+    assert_close_rel(x.grad, x64.grad, torch.float32)
+    assert_close_rel(bias.grad, b64.grad, torch.float32)

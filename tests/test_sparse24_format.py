@@ -100,6 +100,12 @@ def test_error_unsupported_float_dtype():
         compress_24(torch.zeros(2, 4, dtype=torch.float64))
 
 
+def test_error_meta_device_weight():
+    # used to fail deep inside torch.nonzero with a NotImplementedError about meta registrations
+    with pytest.raises(ValueError, match="meta device"):
+        compress_24(torch.zeros(8, 16, device="meta"))
+
+
 def test_error_in_not_multiple_of_4():
     with pytest.raises(ValueError, match="multiple of 4.*got in=6"):
         compress_24(torch.zeros(2, 6))

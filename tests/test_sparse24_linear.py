@@ -303,3 +303,33 @@ def test_error_cusparselt_off_cuda(w24_small):
 def test_cusparselt_reason_names_the_problem():
     reason = op_module.cusparselt_unsupported_reason(torch.device("cpu"), torch.float16, 64, 64)
     assert reason == "needs a CUDA device, got cpu"
+
+
+# ---------------------------------------------------------------- autograd (input and bias only)
+
+
+@pytest.mark.parametrize("backend", ["reference", "dense", "auto"])
+def test_input_and_bias_gradients_through_the_op(backend):
+    # the custom op had no autograd formula: backward worked on the eager CPU "auto" fast path only and
+    # raised "no autograd formula" on every other backend (and on CUDA, where "auto" runs inside the op)
+    torch.manual_seed(0)
+    w24 = random_w24(12, 20, torch.float32)
+    x = torch.randn(2, 3, 20, requires_grad=True)
+    bias = torch.randn(12, requires_grad=True)
+    g = torch.randn(2, 3, 12)
+    # call the registered op itself: "auto" here is the in-op CPU path, not the eager fast path
+    y = torch.ops.sparsekernels.sparse24_linear(x, w24.values, w24.meta, bias, 20, backend)
+    (y * g).sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    b64 = bias.detach().double().requires_grad_()
+    (F.linear(x64, w24.to_dense().double(), b64) * g.double()).sum().backward()
+    assert_close_rel(x.grad, x64.grad, torch.float32)
+    assert_close_rel(bias.grad, b64.grad, torch.float32)
+
+
+def test_no_gradient_for_the_compressed_weight():
+    w24 = random_w24(8, 16, torch.float32)
+    values = w24.values.clone().requires_grad_()
+    y = torch.ops.sparsekernels.sparse24_linear(torch.randn(2, 16), values, w24.meta, None, 16, "reference")
+    with pytest.raises(RuntimeError, match="no gradient for the compressed weight"):
+        y.sum().backward()

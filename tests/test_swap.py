@@ -269,6 +269,44 @@ def test_skip_reasons():
         assert name in text
 
 
+class _FakeHFConv1D(nn.Module):
+    """Mimics transformers.pytorch_utils.Conv1D (weight [in, out], y = x @ W + b) without importing transformers."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf))
+        self.bias = nn.Parameter(torch.zeros(nf))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+_FakeHFConv1D.__name__ = _FakeHFConv1D.__qualname__ = "Conv1D"
+_FakeHFConv1D.__module__ = "transformers.pytorch_utils"
+
+
+def test_hf_conv1d_is_reported_not_silently_ignored():
+    # GPT-2 is built from transformers' Conv1D, not nn.Linear: it used to vanish from the report
+    model = nn.Sequential()
+    model.add_module("c_fc", _FakeHFConv1D(16, 8))
+    model.add_module("c_proj", _FakeHFConv1D(8, 16))
+    model.add_module("head", mask_model_24(nn.Linear(8, 4)))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        ref = model(x)
+    report = sk.sparsify(model, filter_fn=lambda name, m: name != "c_proj")
+    r = report.skipped_reasons
+    assert report.swapped_names == ["head"]
+    assert set(r) == {"c_fc", "c_proj"}
+    assert "Conv1D" in r["c_fc"] and "nn.Linear" in r["c_fc"] and "weight.t()" in r["c_fc"]
+    assert r["c_proj"] == "excluded by filter_fn"
+    assert "c_fc" in str(report) and "Conv1D" in str(report)
+    assert type(model.c_fc).__name__ == "Conv1D"   # left in place
+    with torch.no_grad():
+        assert_close_rel(model(x), ref, torch.float32)
+
+
 def test_root_layer_is_reported():
     lin = mask_model_24(nn.Linear(8, 8))
     report = sk.sparsify(lin)

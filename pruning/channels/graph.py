@@ -128,6 +128,8 @@ class ChannelGroup:
         params: names of the parameters attached to the group.
         frozen_reason: why the group cannot be pruned, or ``None``.
         frozen_units: units that must be kept (with the group still prunable otherwise).
+        partial_spaces: for a group joined by a concatenation, the units of each space that holds only some
+            of the group's units (at least one of them is kept so no layer is left with zero channels).
     """
 
     index: int
@@ -137,6 +139,7 @@ class ChannelGroup:
     params: list
     frozen_reason: str | None = None
     frozen_units: set = field(default_factory=set)
+    partial_spaces: list = field(default_factory=list)
 
     @property
     def prunable(self) -> bool:
@@ -291,6 +294,9 @@ class DependencyGraph:
         self._alive: list = []               # keep traced tensors alive so ids stay unique
         self.attachments: dict[str, list[Attachment]] = {}
         self._unsafe_params: dict[str, str] = {}
+        # (parameter, dim) used at least once against an input whose channels are not traced (e.g. the model
+        # input): if a tied use elsewhere attaches that dim, its channels must be kept
+        self._untraced_param_dims: dict[tuple[str, int], str] = {}
         self.conv_groups: dict[str, int] = {}     # grouped conv module -> output channels per group
         self.group_norms: dict[str, int] = {}     # GroupNorm module -> channels per group
         self.layer_norms: dict[str, np.ndarray] = {}
@@ -512,8 +518,10 @@ class DependencyGraph:
         if groups == 1:
             if x_ok:
                 self._attach(wname, 1, sx.labels, "in")
-            elif isinstance(sx, _Lab):
-                self._freeze(sx.labels, f"{where}: {name} input channels not on dim 1")
+            else:
+                self._untraced_param_dims.setdefault((wname, 1), f"{where}: {name} on an untraced input")
+                if isinstance(sx, _Lab):
+                    self._freeze(sx.labels, f"{where}: {name} input channels not on dim 1")
         else:
             mod = wname.rsplit(".", 1)[0] if "." in wname else ""
             self.conv_groups[mod] = cout // groups
@@ -537,10 +545,11 @@ class DependencyGraph:
         if not isinstance(sw, _PRef) or sw.dims != (0, 1):
             self._freeze_inputs(args, kwargs, f"{where}: linear with a computed weight")
             return
-        if isinstance(sx, _Lab):
-            if sx.start == x.dim() - 1:
-                self._attach(sw.name, 1, sx.labels, "in")
-            else:
+        if isinstance(sx, _Lab) and sx.start == x.dim() - 1:
+            self._attach(sw.name, 1, sx.labels, "in")
+        else:
+            self._untraced_param_dims.setdefault((sw.name, 1), f"{where}: linear on an untraced input")
+            if isinstance(sx, _Lab):
                 self._freeze(sx.labels, f"{where}: linear on a dim other than the traced channels")
         labels = self._new(w.shape[0], f"{where}:linear")
         self._attach(sw.name, 0, labels, "out")
@@ -1091,6 +1100,10 @@ class DependencyGraph:
 
     # ---------------------------------------------------------------- results
     def _finalize(self) -> None:
+        for (pname, dim), reason in self._untraced_param_dims.items():
+            for a in self.attachments.get(pname, []):
+                if a.dim == dim:  # a tied parameter, also used where its input channels are fixed
+                    self._freeze(a.labels, f"{reason} (tied parameter {pname})", False)
         for pname, reason in self._unsafe_params.items():
             reason, unsupported = reason if isinstance(reason, tuple) else (reason, True)
             for a in self.attachments.get(pname, []):
@@ -1144,7 +1157,9 @@ class DependencyGraph:
             grp = self.groups[self.root_group[int(roots[slots[0]])]]
             grp.spaces.append(self.spaces[sp])
             if len(grp.spaces) == 1:
-                grp.unit_channels = max(1, len(slots) * self._space_width[sp] // len(grp.units))
+                # channels of one unit in this space (slots per unit present here, times the space's width)
+                present = len({int(r) for r in roots[slots]})
+                grp.unit_channels = max(1, len(slots) * self._space_width[sp] // present)
         for grp in self.groups:
             ps = set()
             for u in grp.units:
@@ -1157,19 +1172,21 @@ class DependencyGraph:
             elif not grp.params:
                 grp.frozen_reason = "no parameters depend on these channels"
             else:
-                # the units of a group must all have the same number of slots in each space, else a removal
-                # could leave a layer with a ragged shape
-                sizes = {}
+                # the units present in a space must all have the same number of slots there, else a removal
+                # could leave a layer with a ragged shape. A unit may be absent from a space: a concatenation
+                # couples parts that are otherwise separate (e.g. cat([a, b]) scaled by an SE gate), and
+                # removing a unit then shrinks only the spaces it appears in.
                 for sp, slots in space_slots.items():
                     if self.root_group[int(roots[slots[0]])] != grp.index:
                         continue
                     cnt = {}
                     for s in slots:
                         cnt[int(roots[s])] = cnt.get(int(roots[s]), 0) + 1
-                    for u in grp.units:
-                        sizes.setdefault(u, []).append(cnt.get(u, 0))
-                if len({tuple(v) for v in sizes.values()}) > 1:
-                    grp.frozen_reason = "its channels are coupled in units of unequal sizes"
+                    if len(set(cnt.values())) > 1:
+                        grp.frozen_reason = "its channels are coupled in units of unequal sizes"
+                        break
+                    if len(cnt) < len(grp.units):
+                        grp.partial_spaces.append(frozenset(cnt))
         self.frozen_roots = frozen_roots
 
     def root_of(self, labels: np.ndarray) -> np.ndarray:

@@ -84,7 +84,13 @@ def _taylor_terms(model: nn.Module, names: set, calib: Iterable, loss_fn: Callab
         for batch in tqdm(calib, desc="taylor", disable=not progress, leave=False):
             model.zero_grad(set_to_none=True)
             loss = loss_fn(model, batch)
-            loss.backward()
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+                raise TypeError(f"prune_channels(): expected loss_fn to return a scalar tensor, got {got}")
+            if not loss.requires_grad:
+                raise ValueError("prune_channels(): expected a loss computed from the model's weights "
+                                 "(requires_grad=True), got a loss without a gradient (detached?)")
+            loss.reshape(()).backward()
             for n in acc:
                 g = params[n].grad
                 acc[n].append((params[n].detach() * g).double() if g is not None

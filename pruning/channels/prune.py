@@ -19,9 +19,9 @@ _FN = "prune_channels()"
 
 
 def _check_ratio(label: str, r) -> float:
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+    if isinstance(r, bool) or not isinstance(r, (int, float)):
         raise TypeError(f"{_FN}: expected {label} as a number, got {type(r).__name__}")
-    if not 0.0 <= r < 1.0:
+    if not 0.0 <= r < 1.0:  # also rejects NaN
         raise ValueError(f"{_FN}: expected 0 <= {label} < 1, got {r}")
     return float(r)
 
@@ -43,6 +43,14 @@ def _n_keep(n_units: int, unit_channels: int, target_keep: float, round_to: int 
             return n_units
         keep = max(m, int(round(keep / m)) * m)
     return min(n_units, max(keep, n_frozen, 1))
+
+
+def _keep_one_per_space(group, removed: set, scores: Mapping[int, float]) -> None:
+    """Put back the best unit of every space of ``group`` that would lose all its units (possible only in a
+    group joined by a concatenation, where a space holds some of the group's units)."""
+    for units in group.partial_spaces:
+        if units and units <= removed:
+            removed.discard(max(units, key=lambda u: (scores.get(u, 0.0), u)))
 
 
 def select_units(
@@ -82,6 +90,7 @@ def select_units(
         keep = _n_keep(n, g.unit_channels, n * (1.0 - r), round_to, len(g.frozen_units))
         order = sorted(free, key=lambda u: (scores.get(u, 0.0), u))
         removed.update(order[: n - keep])
+        _keep_one_per_space(g, removed, scores)
     if global_pruning and cand:
         pool = [(scores.get(u, 0.0) / mean, u, gi) for gi, (g, free, mean, cap) in enumerate(cand) for u in free]
         pool.sort()
@@ -104,6 +113,7 @@ def select_units(
             keep = _n_keep(n, g.unit_channels, n - len(us), round_to, len(g.frozen_units))
             order = sorted((u for u in g.units if u not in g.frozen_units), key=lambda u: (scores.get(u, 0.0), u))
             removed.update(order[: n - keep])
+            _keep_one_per_space(g, removed, scores)
     return removed
 
 
@@ -131,6 +141,13 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
     update the module attributes (``out_channels``, ``groups``, ``num_features``, ``normalized_shape``,
     ``num_attention_heads``, ...). Returns :func:`_keep_indices`' mapping."""
     keep = _keep_indices(graph, removed)
+    # every (module, attribute) holding each tensor, so tied parameters stay tied (and all get pruned)
+    holders: dict[int, list] = {}
+    for m in model.modules():
+        for store in (m._parameters, m._buffers):
+            for attr, t in store.items():
+                if t is not None:
+                    holders.setdefault(id(t), []).append((m, attr))
     for pname, dims in keep.items():
         owner, attr = _get_owner(model, pname)
         t = getattr(owner, attr)
@@ -139,9 +156,12 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
             new = new.index_select(dim, torch.as_tensor(idx, dtype=torch.long, device=new.device))
         new = new.clone()
         if isinstance(t, nn.Parameter):
-            setattr(owner, attr, nn.Parameter(new, requires_grad=t.requires_grad))
-        else:
-            owner._buffers[attr] = new
+            new = nn.Parameter(new, requires_grad=t.requires_grad)
+        for m, a in holders.get(id(t), [(owner, attr)]):
+            if isinstance(new, nn.Parameter):
+                m._parameters[a] = new
+            else:
+                m._buffers[a] = new
     rem = np.zeros(len(graph._roots), dtype=bool)
     for r in removed:
         rem[r] = True

@@ -79,10 +79,12 @@ def parse_shape(spec: str) -> tuple[int, ...]:
     Raises:
         UsageError: anything else.
     """
-    parts = [p for p in re.split(r"[,x×\s]+", str(spec).strip()) if p]
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
+    text = str(spec).strip()
+    # sizes separated by exactly one ',' / 'x' / '×' (spaces around it allowed) or by spaces; a stray
+    # separator or a non-digit ("1,3,x", "1,,3") is an error, not silently dropped
+    if re.fullmatch(r"\d+(?:\s*[,x×]\s*\d+|\s+\d+)*", text):
+        shape = tuple(int(p) for p in re.split(r"\s*[,x×]\s*|\s+", text))
+    else:
         shape = ()
     if not shape or any(s < 1 for s in shape):
         raise UsageError(f"expected a shape of positive integers like 1,3,224,224, got {spec!r}")

@@ -174,11 +174,16 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
 
     Raises:
         TypeError: not a tensor, or not float16 / bfloat16 / float32.
-        ValueError: not 2-D, ``in`` not a multiple of 4, or some group has more than 2 non-zeros
-            (the message names the first such row and group).
+        ValueError: not 2-D, ``in`` not a multiple of 4, on the meta device (no values to read), or some
+            group has more than 2 non-zeros (the message names the first such row and group).
     """
     fn = "compress_24()"
     _check_weight(fn, weight)
+    if weight.device.type == "meta":
+        raise ValueError(
+            f"{fn}: expected a weight with values, got one on the meta device (its sparsity pattern is unknown); "
+            "load or materialize the weight first"
+        )
     weight = weight.detach()
     out, k = weight.shape
     bad = first_non24_group(weight)

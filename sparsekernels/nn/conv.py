@@ -188,6 +188,9 @@ class SparseConv2d(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[0] == self.in_channels:
+            # unbatched [C, H, W], as nn.Conv2d accepts it: run as a batch of one, return [out, OH, OW]
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         # Eager CPU "auto": F.conv2d on the cached dense copy, without the custom op (~20 us per call) or
         # nn.Module.__getattr__ (~1.4 us per name): 0.99x of nn.Conv2d on ResNet-50's 56x56 shapes (was
         # 0.92x on 64->64 1x1 through the op); measurements in ops.sparse24_conv2d._cpu_auto.

@@ -17,6 +17,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -227,6 +228,17 @@ def _mha_skips(model: nn.Module) -> tuple[set[int], list[SkippedLayer]]:
     return out_proj_ids, skipped
 
 
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """A ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections), recognised without importing transformers."""
+    cls = type(module)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
+        and module.weight.dim() == 2
+    )
+
+
 def _fast_path_guard(module: nn.Module, args) -> None:
     """A no-op forward pre-hook. nn.TransformerEncoderLayer's fused inference fast path reads
     ``linear1.weight`` / ``linear2.weight`` directly (a sparse layer has none); PyTorch skips that path
@@ -319,6 +331,15 @@ def sparsify(
     seen: set[int] = set()
 
     for name, module in [("", model)] + [(n, m) for n, m in model.named_modules() if n]:
+        if id(module) not in seen and _is_hf_conv1d(module):
+            seen.add(id(module))
+            skipped.append(SkippedLayer(
+                name or "(root)", type(module).__name__,
+                "excluded by filter_fn" if filter_fn is not None and name and not filter_fn(name, module) else
+                "transformers Conv1D (GPT-2 style, weight [in, out]) is not an nn.Linear: convert it to "
+                "nn.Linear with weight = conv1d.weight.t() first",
+            ))
+            continue
         if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in seen:
             continue
         seen.add(id(module))

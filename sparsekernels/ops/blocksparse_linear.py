@@ -266,6 +266,30 @@ def _(x, values, row_ptr, col_idx, bias, out_features, backend):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
+def _block_sparse_linear_setup(ctx, inputs, output):
+    x, values, row_ptr, col_idx, bias, out_features, backend = inputs
+    ctx.save_for_backward(values, row_ptr, col_idx)
+    ctx.n, ctx.k = out_features, x.shape[-1]
+
+
+def _block_sparse_linear_backward(ctx, grad):
+    """Input (and bias) gradient; the block values get none (inference-only weights)."""
+    values, row_ptr, col_idx = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(
+            "sparsekernels::block_sparse_linear: no gradient for the block-sparse weight (sparse layers are "
+            "inference-only; gradients flow to the input and the bias only)"
+        )
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grad @ _dense_weight(values, row_ptr, col_idx, ctx.n, ctx.k).to(grad.dtype)
+    grad_b = grad.reshape(-1, ctx.n).sum(0) if ctx.needs_input_grad[4] else None
+    return grad_x, None, None, None, grad_b, None, None
+
+
+_block_sparse_linear_op.register_autograd(_block_sparse_linear_backward, setup_context=_block_sparse_linear_setup)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public function
 # --------------------------------------------------------------------------------------------------

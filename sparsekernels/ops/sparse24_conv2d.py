@@ -362,6 +362,34 @@ def _(x, values, meta, bias, stride, padding, dilation, kernel_size, backend):
     )
 
 
+def _sparse24_conv2d_setup(ctx, inputs, output):
+    x, values, meta, bias, stride, padding, dilation, kernel_size, backend = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.x_shape = tuple(x.shape)
+    ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), tuple(kernel_size))
+
+
+def _sparse24_conv2d_backward(ctx, grad):
+    """Input (and bias) gradient, so a frozen sparse conv can sit inside a model that trains: the same on
+    every backend (the CPU fast path gets it from F.conv2d; this covers the custom op)."""
+    values, meta = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError(
+            "sparsekernels::sparse24_conv2d: no gradient for the compressed weight (sparse layers are "
+            "inference-only; gradients flow to the input and the bias only)"
+        )
+    stride, padding, dilation, kernel_size = ctx.geometry
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        weight = _dense_conv_weight(values, meta, ctx.x_shape[1], kernel_size).to(grad.dtype)
+        grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad, stride, padding, dilation)
+    grad_b = grad.sum((0, 2, 3)) if ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_b, None, None, None, None, None
+
+
+_sparse24_conv2d_op.register_autograd(_sparse24_conv2d_backward, setup_context=_sparse24_conv2d_setup)
+
+
 # --------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------

@@ -466,6 +466,33 @@ def _sparse24_linear_fake(x, values, meta, bias, in_features, backend):
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
+def _no_weight_grad(op: str) -> RuntimeError:
+    return RuntimeError(
+        f"{op}: no gradient for the compressed weight (sparse layers are inference-only; gradients flow to "
+        "the input and the bias only)"
+    )
+
+
+def _sparse24_linear_setup(ctx, inputs, output):
+    x, values, meta, bias, in_features, backend = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.in_features = in_features
+
+
+def _sparse24_linear_backward(ctx, grad):
+    """Input (and bias) gradient, so a frozen sparse layer can sit inside a model that trains: the same
+    on every backend (the CPU fast path gets it from F.linear; this covers the custom op)."""
+    values, meta = ctx.saved_tensors
+    if ctx.needs_input_grad[1]:
+        raise _no_weight_grad("sparsekernels::sparse24_linear")
+    grad_x = grad @ expand_24(values, meta, ctx.in_features).to(grad.dtype) if ctx.needs_input_grad[0] else None
+    grad_b = grad.reshape(-1, values.shape[0]).sum(0) if ctx.needs_input_grad[3] else None
+    return grad_x, None, None, grad_b, None, None
+
+
+_sparse24_linear_op.register_autograd(_sparse24_linear_backward, setup_context=_sparse24_linear_setup)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------
@@ -552,7 +579,7 @@ def sparse24_linear(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``y = x @ W.T + bias`` for a 2:4-compressed weight ``W`` (inference: no autograd).
+    """``y = x @ W.T + bias`` for a 2:4-compressed weight ``W`` (backward: gradients of ``x`` and ``bias`` only).
 
     Args:
         x: ``[..., in]`` float16 / bfloat16 / float32 activations, same dtype and device as ``w24``; any

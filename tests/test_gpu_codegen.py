@@ -62,6 +62,10 @@ def _cases(dtypes=tuple(DTYPES)):
                 consts = {"HAS_BIAS": split == 1, "SPLIT_K": split, "DOT_PRECISION": prec,
                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                 yield ("sparse24_linear", dname, lin, _signature(lin, ptrs, consts), consts, w, s)
+        red = L._reduce_kernel()
+        ptrs = {"ws_ptr": "*fp32", "bias_ptr": ptr, "y_ptr": ptr}
+        consts = {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": L._REDUCE_BLOCK}
+        yield ("sparse24_splitk_reduce", dname, red, _signature(red, ptrs, consts), consts, 4, 1)
         # 2:4 Conv2d: implicit GEMM (3x3) and the 1x1 GEMM path.
         for cfg in C._autotune_configs()[:1]:
             for kh, is_gemm in ((3, False), (1, True)):
@@ -103,9 +107,10 @@ def test_every_kernel_compiles_for_hopper_and_ampere_and_uses_tensor_cores():
     assert proc.returncode == 0, f"compile failed:\n{proc.stderr[-4000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"sparse24_linear", "sparse24_conv2d", "block_sparse_linear"}
+    assert kernels == {"sparse24_linear", "sparse24_splitk_reduce", "sparse24_conv2d", "block_sparse_linear"}
     assert {r["arch"] for r in results} == {80, 90}
-    no_mma = [r for r in results if r["dtype"] in ("fp16", "bf16") and not r["mma"]]
+    no_mma = [r for r in results
+              if r["dtype"] in ("fp16", "bf16") and r["kernel"] != "sparse24_splitk_reduce" and not r["mma"]]
     assert not no_mma, f"fp16/bf16 tiles that do not reach the tensor cores: {no_mma}"
 
 

@@ -15,12 +15,13 @@ Kernel layout. The weight is ``[N = out, K = in]``. A program computes the tile 
 (operands swapped: the weight's out-dimension fills the MMA's M dimension, so a decode step with one
 token still uses a full 16-wide MMA tile on the token side instead of wasting 15/16 of the weight side).
 At few tokens and large K, split-K adds programs along K so every SM streams weight bytes; the fp32
-partial sums land in a workspace that is reduced (plus bias) afterwards.
+partial sums land in a workspace that one epilogue kernel sums, biases and casts.
 
 Triton is imported only inside the functions that launch kernels: importing this module never needs it.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable, Optional
@@ -231,6 +232,58 @@ def _kernel():
     return _sparse24_linear_kernel
 
 
+@functools.lru_cache(maxsize=1)
+def _reduce_kernel():
+    """The split-K epilogue as one kernel: sum the fp32 partials, add the bias, cast, store.
+
+    At few tokens the weight streams in a few microseconds, so the epilogue must be one launch, not the
+    three of ``workspace.sum(0)``, ``+= bias`` and ``out.copy_()``.
+    """
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _sparse24_splitk_reduce_kernel(
+        ws_ptr, bias_ptr, y_ptr,
+        MN, N,
+        stride_ws,
+        SPLIT_K: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(SPLIT_K):
+            acc += tl.load(ws_ptr + s * stride_ws + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return _sparse24_splitk_reduce_kernel
+
+
+_REDUCE_BLOCK = 1024
+
+
+def _launch_splitk_reduce(workspace: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor) -> None:
+    """``out = workspace.sum(0) + bias`` in one launch (``workspace`` fp32 ``[S, M, N]`` contiguous)."""
+    split_k, m, n = workspace.shape
+    if not (workspace.is_contiguous() and out.is_contiguous()):
+        total = workspace.sum(0)
+        if bias is not None:
+            total += bias
+        out.copy_(total)
+        return
+    mn = m * n
+    grid = (-(-mn // _REDUCE_BLOCK),)
+    with torch.cuda.device(out.device) if out.is_cuda else contextlib.nullcontext():
+        _reduce_kernel()[grid](
+            workspace, bias if bias is not None else workspace, out, mn, n, workspace.stride(0),
+            SPLIT_K=split_k, HAS_BIAS=bias is not None, BLOCK=_REDUCE_BLOCK,
+        )
+
+
 # Autotune configurations: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). BLOCK_N is the weight-row
 # tile (the MMA's M side), BLOCK_K a multiple of 8 (one metadata byte covers 8 input columns).
 # No GPU was available while writing these; they are the usual Triton GEMM/GEMV shapes, and the
@@ -367,10 +420,7 @@ def _launch_triton(
         with torch.cuda.device(x2d.device):
             kernel[grid](*args, HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION=dot_precision)
     if split_k > 1:
-        total = workspace.sum(0)
-        if bias is not None:
-            total += bias
-        out.copy_(total)
+        _launch_splitk_reduce(workspace, bias, out)
     return out
 
 

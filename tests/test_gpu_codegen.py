@@ -101,6 +101,12 @@ def main() -> None:
 @pytest.mark.slow
 def test_every_kernel_compiles_for_hopper_and_ampere_and_uses_tensor_cores():
     pytest.importorskip("triton")
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    if "constexprs" not in inspect.signature(ASTSource.__init__).parameters:
+        pytest.skip("this Triton's ASTSource predates the constexprs= argument (Triton < 3.3)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=600)

@@ -490,3 +490,19 @@ def test_tune_through_the_real_op(isolated_cache, kernel_device, monkeypatch):
         assert_close_rel(model(x), ref, torch.float32)
     text = str(report)
     assert "triton ms" in text and "2.00x" in text
+
+
+def test_training_mode_swap_says_the_layers_stop_learning():
+    model = mask_model_24(Net())
+    model.train()
+    report = sk.sparsify(model)
+    note = [n for n in report.notes if "trainable parameters" in n]
+    assert len(note) == 1 and "3 swapped layer(s)" in note[0] and "densify()" in note[0]
+    assert "note: 3 swapped layer(s)" in str(report)
+    # gradients still reach the input
+    x = torch.randn(5, 20, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # an eval-mode swap (the deployment case) carries no such note
+    model2 = mask_model_24(Net()).eval()
+    assert not [n for n in sk.sparsify(model2).notes if "trainable parameters" in n]

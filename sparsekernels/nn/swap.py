@@ -429,6 +429,14 @@ def sparsify(
                          module.weight.numel() * module.weight.element_size(), _stored_bytes(new))
         )
     notes = _guard_transformer_fast_paths(model, replacements, occ)
+    # Layers in training mode with trainable parameters: the user may expect to keep training them.
+    trainable = [name for name, module, _, _ in plans
+                 if module.training and any(p.requires_grad for p in module.parameters(recurse=False))]
+    if trainable:
+        shown = ", ".join(trainable[:5]) + (f" and {len(trainable) - 5} more" if len(trainable) > 5 else "")
+        notes.append(f"{len(trainable)} swapped layer(s) had trainable parameters ({shown}): sparse layers are "
+                     "for inference, their compressed weights and biases no longer receive gradients "
+                     "(inputs still do); densify() gives trainable dense layers back")
     replace_modules(model, replacements, occ)
     return SwapReport(tuple(swapped), tuple(skipped), "sparsify", tuple(notes))
 

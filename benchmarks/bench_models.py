@@ -1,5 +1,5 @@
 """Model suites under pytest-benchmark: ResNet-50, a BERT-base-sized encoder, LLaMA-sized projections, and the
-demo. Each test runs one suite (see :mod:`sparsekernels.app.suites`), writes its table (JSON + Markdown) and
+demo. Each test runs one suite (see :mod:`sparsekernels.benchmarks.models`), writes its table (JSON + Markdown) and
 plots under ``benchmarks/results/<device>/`` and checks that every variant was built and measured.
 
     pytest benchmarks/bench_models.py                              # full sizes (GPU: minutes; CPU: longer)
@@ -9,7 +9,7 @@ The same suites run from the command line: ``sparsekernels bench models [--quick
 """
 import pytest
 
-from sparsekernels.app import suites
+from sparsekernels.benchmarks import models
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +17,13 @@ def suite_results():
     return {}
 
 
-@pytest.mark.parametrize("name", list(suites.SUITES))
+@pytest.mark.parametrize("name", list(models.SUITES))
 def test_model_suite(name, benchmark, bench_device, bench_dtype, bench_quick, results_out, suite_results):
-    run = suites.SUITES[name]
+    run = models.SUITES[name]
     result = benchmark.pedantic(run, args=(bench_device, bench_dtype), kwargs={"quick": bench_quick, "progress": False},
                                 rounds=1, iterations=1)
     suite_results[name] = result
-    path = suites.write_suite(result, results_out, bench_device, suffix="_quick" if bench_quick else "")
+    path = models.write_suite(result, results_out, bench_device, suffix="_quick" if bench_quick else "")
     benchmark.extra_info["results"] = str(path)
     failed = [(r.get("variant") or r.get("layer"), r["status"]) for r in result.rows if r["status"].startswith("failed")]
     assert not failed, f"variants that could not be built or run: {failed}"
@@ -36,7 +36,7 @@ def test_model_suite(name, benchmark, bench_device, bench_dtype, bench_quick, re
 def test_model_suite_plots(suite_results, bench_device, bench_quick, results_out):
     if not suite_results:
         pytest.skip("no suite ran in this session (select them together with this test)")
-    paths = suites.plot_suites(list(suite_results.values()), results_out, bench_device, prefix="models_",
+    paths = models.plot_suites(list(suite_results.values()), results_out, bench_device, prefix="models_",
                                suffix="_quick" if bench_quick else "")
     assert paths and all(p.stat().st_size > 10_000 for p in paths)
 

@@ -11,7 +11,7 @@ Two kinds of tests:
 
 * ``test_linear24_case`` -- one pytest-benchmark entry per (layer, M, dtype, backend), for
   ``--benchmark-compare`` / ``--benchmark-json`` workflows;
-* ``test_linear24_sweep`` -- runs :func:`sparsekernels.bench.linear24.run_linear24_sweep` (the same
+* ``test_linear24_sweep`` -- runs :func:`sparsekernels.benchmarks.kernels.run_linear24_sweep` (the same
   timer as the dispatcher: CUDA events with L2 flush on a GPU) and writes the JSON + Markdown results
   under ``benchmarks/results/<device>/``.
 """
@@ -22,28 +22,29 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsekernels.bench import linear24
+from sparsekernels.benchmarks import kernels
 from sparsekernels.formats.sparse24 import compress_24
-from sparsekernels.ops.sparse24_linear import cusparselt_unsupported_reason, sparse24_linear
+from sparsekernels.ops.functional import sparse24_linear
+from sparsekernels.ops.routing import cusparselt_unsupported_reason
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("SPARSEKERNELS_BENCH_QUICK", "0") not in ("", "0")
 
 if DEVICE.type == "cuda":
-    TOKENS = linear24.QUICK_TOKENS if QUICK else linear24.TOKENS
-    LAYERS = linear24.QUICK_LAYERS if QUICK else linear24.LAYERS
+    TOKENS = kernels.QUICK_TOKENS if QUICK else kernels.TOKENS
+    LAYERS = kernels.QUICK_LAYERS if QUICK else kernels.LAYERS
     DTYPES = (torch.float16, torch.bfloat16)
     BACKENDS = ("dense", "triton", "cusparselt", "auto")
 else:
-    TOKENS = linear24.CPU_QUICK_TOKENS if QUICK else linear24.CPU_TOKENS
-    LAYERS = linear24.CPU_QUICK_LAYERS if QUICK else linear24.CPU_LAYERS
+    TOKENS = kernels.CPU_QUICK_TOKENS if QUICK else kernels.CPU_TOKENS
+    LAYERS = kernels.CPU_QUICK_LAYERS if QUICK else kernels.CPU_LAYERS
     DTYPES = (torch.float32,)
     BACKENDS = ("dense", "auto")
 
 
 @functools.lru_cache(maxsize=2)
 def _weights(k: int, n: int, dtype: torch.dtype):
-    dense = linear24.random_24_weight(n, k, dtype, DEVICE, generator=torch.Generator().manual_seed(0))
+    dense = kernels.random_24_weight(n, k, dtype, DEVICE, generator=torch.Generator().manual_seed(0))
     ss = None
     if cusparselt_unsupported_reason(DEVICE, dtype, n, k) is None:
         ss = torch.sparse.to_sparse_semi_structured(dense)
@@ -86,9 +87,9 @@ def test_linear24_case(benchmark, layer, dtype, m, backend):
 
 
 def test_linear24_sweep():
-    rows = linear24.run_linear24_sweep(DEVICE, quick=QUICK, progress=True)
+    rows = kernels.run_linear24_sweep(DEVICE, quick=QUICK, progress=True)
     stem = "linear24_quick" if QUICK else "linear24"
-    folder = linear24.results_dir_for(DEVICE)
+    folder = kernels.results_dir_for(DEVICE)
     assert (folder / f"{stem}.json").is_file() and (folder / f"{stem}.md").is_file()
     for r in rows:
         if r.rel_err_vs_dense is not None:

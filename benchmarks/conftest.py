@@ -8,10 +8,11 @@
   ``SPARSEKERNELS_BENCH_DEVICE``  ``auto`` (default: the GPU if there is one), ``cpu``, ``cuda``, ``cuda:1``
   ``SPARSEKERNELS_BENCH_DTYPE``   ``auto`` (default: fp16 on a GPU, fp32 on the CPU), ``fp32``, ``fp16``, ``bf16``
   ``SPARSEKERNELS_BENCH_QUICK``   ``1``: the small sizes (about a minute on a CPU)
-  ``SPARSEKERNELS_RESULTS_DIR``   where results go (default ``benchmarks/results/<device>/``)
+  ``SPARSEKERNELS_RESULTS_DIR``   where results go (default ``benchmarks/results/<device>/``; ``cpu/`` for the
+  CPU-only benchmarks)
 
 pyproject's ``addopts`` passes ``--benchmark-disable``; the suites time themselves with
-:func:`sparsekernels.bench.timing.time_fn` (CUDA events on a GPU, a warmed median on the CPU) and write their
+:func:`sparsekernels.timing.time_fn` (CUDA events on a GPU, a warmed median on the CPU) and write their
 tables, so they produce results either way. Add ``--benchmark-enable`` for pytest-benchmark's own statistics.
 """
 import os
@@ -46,11 +47,21 @@ def bench_quick() -> bool:
     return os.environ.get("SPARSEKERNELS_BENCH_QUICK", "0") not in ("", "0")
 
 
-@pytest.fixture(scope="session")
-def results_out(bench_device) -> Path:
-    from sparsekernels.bench.report import results_dir
+def _results_out(device) -> Path:
+    from sparsekernels.benchmarks.report import results_dir
 
     out = os.environ.get("SPARSEKERNELS_RESULTS_DIR")
-    path = Path(out) if out else results_dir(bench_device)
+    path = Path(out) if out else results_dir(device)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def results_out(bench_device) -> Path:
+    return _results_out(bench_device)
+
+
+@pytest.fixture(scope="session")
+def cpu_results_out() -> Path:
+    """Where the CPU-only benchmarks write, whatever ``SPARSEKERNELS_BENCH_DEVICE`` says."""
+    return _results_out("cpu")

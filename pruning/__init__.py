@@ -2,13 +2,20 @@
 
 What passes to the runtime is plain tensors, masks and state dicts. Public names are resolved lazily.
 
+    pruning.batches       the batch contract: Tensor / Mapping / (inputs, targets), calling the model
+    pruning.registry      the name -> entry tables users extend (criteria, tracer op handlers)
     pruning.patterns      N:M, unstructured and block masks
-    pruning.importance    weight importance criteria (magnitude, Taylor, Wanda, SparseGPT)
+    pruning.masks         the weight_mask buffer a pruned layer carries
+    pruning.sparsegpt     SparseGPT's per-layer OBS solver
+    pruning.calibration   layer-input statistics and Taylor gradients over calibration batches
+    pruning.importance    importance criteria behind one protocol, and their registry
     pruning.weights       prune_weights(): masks on Linear / Conv2d, the PruningReport
     pruning.training      mask enforcement, gradual schedules, fine-tuning, L1/L2 penalties
     pruning.plan          remove masks, save / load / apply pruning plans (safetensors + JSON)
     pruning.sensitivity   per-layer sensitivity analysis
     pruning.channels      dependency-aware filter / channel pruning (physically smaller models)
+
+Each module imports only modules listed above it (``pruning.channels`` sits on top of the others).
 """
 from __future__ import annotations
 
@@ -50,6 +57,9 @@ _EXPORTS = {
     "Taylor": "pruning.importance",
     "Wanda": "pruning.importance",
     "SparseGPT": "pruning.importance",
+    "BNScale": "pruning.importance",
+    "ScoreCriterion": "pruning.importance",
+    "register_criterion": "pruning.importance",
     # channel pruning
     "prune_channels": "pruning.channels",
     "ChannelPruningReport": "pruning.channels",
@@ -57,6 +67,7 @@ _EXPORTS = {
     "mask_channels": "pruning.channels",
     "bn_scale_penalty": "pruning.channels",
     "PrunedMultiheadAttention": "pruning.channels",
+    "register_op_handler": "pruning.channels",
 }
 
 __all__ = ["__version__", *_EXPORTS]

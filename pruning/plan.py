@@ -20,15 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .weights import (
-    MASK_NAME,
-    LayerPruning,
-    PruningReport,
-    _mask_info,
-    attach_mask,
-    get_mask,
-    masked_modules,
-)
+from .masks import MASK_NAME, attach_mask, detach_mask, get_mask, mask_info, masked_modules
+from .weights import LayerPruning, PruningReport
 
 __all__ = ["remove_masks", "save_plan", "load_plan", "apply_plan", "PruningPlan", "PLAN_FORMAT", "PLAN_VERSION"]
 
@@ -53,11 +46,7 @@ def remove_masks(model: nn.Module) -> list[str]:
         raise TypeError(f"remove_masks(): expected an nn.Module, got {type(model).__name__}")
     removed = []
     for name, module in list(masked_modules(model)):
-        with torch.no_grad():
-            module.weight.mul_(get_mask(module))
-        del module._buffers[MASK_NAME]
-        if hasattr(module, "_pruning_info"):
-            del module._pruning_info
+        detach_mask(module)
         removed.append(name)
     return removed
 
@@ -112,7 +101,7 @@ def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple
         tensors[f"{name}.{MASK_NAME}"] = mask.detach().to("cpu", torch.bool).contiguous()
         if include_weights:
             tensors[f"{name}.weight"] = module.weight.detach().to("cpu").contiguous()
-        info = _mask_info(module)
+        info = mask_info(module)
         layers[name] = {
             "kind": type(module).__name__,
             "weight_shape": list(mask.shape),
@@ -227,17 +216,8 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
             with torch.no_grad():
                 module.weight.copy_(plan.weights[name].to(module.weight.device, module.weight.dtype))
         attach_mask(module, mask, pattern=info.get("pattern", "custom"), importance=info.get("importance", "custom"))
-        layers.append(
-            LayerPruning(
-                name,
-                type(module).__name__,
-                tuple(mask.shape),
-                str(info.get("pattern", "custom")),
-                str(info.get("importance", "custom")),
-                mask.numel(),
-                int((~mask).sum()),
-            )
-        )
+        pattern, importance = info.get("pattern", "custom"), info.get("importance", "custom")
+        layers.append(LayerPruning.of(name, module, mask, pattern, importance))
     patterns = sorted({layer.pattern for layer in layers})
     criteria = sorted({layer.importance for layer in layers})
     return PruningReport(",".join(patterns), ",".join(criteria), tuple(layers), ())

@@ -25,34 +25,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .importance import (
-    SparseGPT,
-    _eval_mode,
-    forward_batch,
+from .batches import (
+    call_model,
+    check_batches,
+    eval_mode,
     model_device,
     move_batch,
-    resolve_importance,
+    output_tensor,
+    progress_bar,
+    split_batch,
 )
+from .importance import ScoreCriterion, criterion_names, resolve_importance
 from .patterns import matrix_to_weight, parse_pattern
-from .weights import _check_reiterable, _compute_scores, _scores_to_mask, _select_layers
+from .weights import layer_scores, scores_to_mask, select_layers
 
 __all__ = ["sensitivity_analysis", "SensitivityResult"]
-
-
-def _output_tensor(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(output, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    if isinstance(output, dict):
-        for value in output.values():
-            if isinstance(value, torch.Tensor):
-                return value
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"sensitivity_analysis(): cannot find an output tensor in a {type(output).__name__}")
 
 
 @dataclass(frozen=True)
@@ -181,11 +168,14 @@ def sensitivity_analysis(
 
     Args:
         model: the dense (or partly pruned) model; left unchanged (weights and masks restored).
-        calib: re-iterable of batches (list / DataLoader), as for :func:`pruning.prune_weights`.
+        calib: re-iterable of batches (list / DataLoader; :mod:`pruning.batches`), as for
+            :func:`pruning.prune_weights`.
         sparsities: levels in ``(0, 1]``, for ``"unstructured"`` / ``"block<R>x<C>"``; ignored for N:M,
             which has the single level ``1 - n/m``.
         pattern: ``"unstructured"``, ``"n:m"`` or ``"block<R>x<C>"``.
-        importance: ``"magnitude"``, ``"wanda"`` or ``"taylor"`` (scores computed once on the dense model).
+        importance: a scoring criterion, e.g. ``"magnitude"``, ``"wanda"`` or ``"taylor"`` (scores computed once
+            on the dense model); a reconstructing one (``"sparsegpt"``) is rejected, since it changes the
+            kept weights too.
         loss_fn: ``loss_fn(model, batch) -> scalar``; if given the metric is the loss increase, else the
             relative output error against the dense model.
         filter_fn: ``filter_fn(name, module) -> bool`` selects the layers.
@@ -196,20 +186,20 @@ def sensitivity_analysis(
 
     Raises:
         TypeError / ValueError: bad arguments (``calib`` missing or a one-shot iterator, unsorted or
-            out-of-range sparsities, ``"global"`` pattern, ``"sparsegpt"`` importance).
+            out-of-range sparsities, ``"global"`` pattern, a reconstructing importance such as ``"sparsegpt"``).
     """
-    from tqdm.auto import tqdm
-
     fn = "sensitivity_analysis()"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
-    _check_reiterable(fn, calib, "sensitivity analysis (one calibration pass per layer and level)")
+    check_batches(fn, calib, reiterated_by="sensitivity analysis (one calibration pass per layer and level)")
     pat = parse_pattern(pattern)
-    crit = resolve_importance(importance)
+    crit = resolve_importance(importance, use="weights")
     if pat.kind == "global":
         raise ValueError(f"{fn}: pattern 'global' has no per-layer budget; expected 'unstructured', 'n:m' or 'block<R>x<C>'")
-    if isinstance(crit, SparseGPT):
-        raise ValueError(f"{fn}: expected importance 'magnitude', 'wanda' or 'taylor', got 'sparsegpt'")
+    if not isinstance(crit, ScoreCriterion):
+        scoring = [n for n in criterion_names("weights") if isinstance(resolve_importance(n), ScoreCriterion)]
+        raise ValueError(f"{fn}: expected a scoring importance in {scoring}, got {crit.name!r} (it rewrites the kept "
+                         "weights, so pruning one layer by its mask alone does not measure it)")
     if crit.needs_loss and not callable(loss_fn):
         raise ValueError(f"{fn}: importance={crit.name!r} needs loss_fn(model, batch) -> scalar")
     if loss_fn is not None and not callable(loss_fn):
@@ -225,16 +215,20 @@ def sensitivity_analysis(
         if any(not 0.0 < s <= 1.0 for s in levels) or list(levels) != sorted(set(levels)):
             raise ValueError(f"{fn}: expected strictly increasing sparsities in (0, 1], got {sparsities!r}")
 
-    selected, skipped_list, _ = _select_layers(model, pat, crit, filter_fn, None)
-    scores = _compute_scores(model, selected, crit, calib, loss_fn, progress, skipped_list)
+    sel = select_layers(fn, model, pat, crit, filter_fn, None)
+    scores = layer_scores(model, sel, crit, calib, loss_fn, progress)
     device = model_device(model)
 
     def run() -> list[torch.Tensor] | float:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             if loss_fn is not None:
                 values = [float(loss_fn(model, move_batch(b, device))) for b in calib]
                 return sum(values) / len(values)
-            return [_output_tensor(forward_batch(model, move_batch(b, device))).detach().double() for b in calib]
+            outputs = []
+            for b in calib:
+                inputs, _ = split_batch(b, "calibration batch")
+                outputs.append(output_tensor(call_model(model, move_batch(inputs, device)), fn).detach().double())
+            return outputs
 
     dense = run()
     if loss_fn is None:
@@ -243,14 +237,15 @@ def sensitivity_analysis(
         dense_sq = sum(float(y.square().sum()) for y in dense)
 
     curves: dict[str, tuple[float, ...]] = {}
-    bar = tqdm(total=len(scores) * len(levels), desc="sensitivity", disable=not progress, leave=False)
+    bar = progress_bar(total=len(scores) * len(levels), desc="sensitivity", enabled=progress)
     for name, score in scores.items():
-        module = selected[name]
+        module = sel.selected[name]
         saved = module.weight.detach().clone()
         values = []
         try:
             for level in levels:
-                keep = matrix_to_weight(_scores_to_mask(score, pat, None if pat.kind == "nm" else level, False), saved.shape)
+                level_mask = scores_to_mask(score, pat, None if pat.kind == "nm" else level, False)
+                keep = matrix_to_weight(level_mask, saved.shape)
                 with torch.no_grad():
                     module.weight.copy_(saved * keep.to(saved.device))
                 out = run()
@@ -271,7 +266,7 @@ def sensitivity_analysis(
         importance=crit.name,
         sparsities=levels,
         curves=curves,
-        numels={n: selected[n].weight.numel() for n in curves},
+        numels={n: sel.selected[n].weight.numel() for n in curves},
         dense_loss=dense if loss_fn is not None else None,
-        skipped={s.name: s.reason for s in skipped_list},
+        skipped={s.name: s.reason for s in sel.sorted_skipped()},
     )

@@ -10,16 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .importance import forward_batch, model_device, move_batch
+from .batches import (
+    call_model,
+    check_batches,
+    loss_from_output,
+    model_device,
+    move_batch,
+    output_tensor,
+    progress_bar,
+    restoring_modes,
+    split_batch,
+)
+from .masks import get_mask, masked_modules
 from .patterns import parse_pattern
-from .weights import PruningReport, get_mask, masked_modules, prune_weights
+from .weights import PruningReport, prune_weights
 
 __all__ = [
     "enforce_masks",
@@ -364,52 +375,6 @@ class FinetuneConfig:
             raise TypeError(f"{fn}: expected seed as an int or None, got {type(self.seed).__name__}")
 
 
-def _logits(output) -> torch.Tensor:
-    """The logits inside a model output: a tensor, ``output.logits`` or the first element of a tuple."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(f"finetune(): cannot find logits in a model output of type {type(output).__name__}")
-
-
-def _model_inputs(batch):
-    """The part of a batch the model takes: ``(x, y)`` -> ``x``; a dict without ``labels``; anything else as is."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k != "labels"}
-    return batch
-
-
-def _default_task_loss(model: nn.Module, batch):
-    """Cross-entropy for ``(inputs, targets)``; ``output.loss`` for dict batches. Returns (loss, logits)."""
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        output = forward_batch(model, batch[0])
-        logits = _logits(output)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[1].reshape(-1)), logits
-    if isinstance(batch, Mapping):
-        output = model(**batch)
-        loss = getattr(output, "loss", None)
-        if loss is None and isinstance(output, Mapping):
-            loss = output.get("loss")
-        if isinstance(loss, torch.Tensor):
-            try:
-                logits = _logits(output)
-            except TypeError:
-                logits = None
-            return loss, logits
-    raise TypeError(
-        "finetune(): the default loss needs (inputs, targets) batches or dict batches whose model output has a "
-        f".loss; got a {type(batch).__name__} batch; pass loss_fn(model, batch) -> scalar"
-    )
-
-
 def _distill_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
     s = student.reshape(-1, student.shape[-1]).float() / temperature
     t = teacher.reshape(-1, teacher.shape[-1]).float() / temperature
@@ -432,16 +397,18 @@ def finetune(
 
     Args:
         model: the model; trained in train mode, its modes restored afterwards.
-        data: re-iterable of batches (e.g. a ``DataLoader`` of ``(inputs, targets)``); tensors are moved
-            to the model's device.
-        loss_fn: ``loss_fn(model, batch) -> scalar``. Default: cross-entropy of ``model(inputs)`` against
-            ``targets`` for 2-tuples, ``model(**batch).loss`` for dict batches.
+        data: re-iterable of batches (:mod:`pruning.batches`, e.g. a ``DataLoader`` of ``(inputs, targets)``);
+            tensors are moved to the model's device.
+        loss_fn: ``loss_fn(model, batch) -> scalar``. Default (:func:`pruning.batches.loss_from_output`): the
+            model's own ``output.loss`` when it has one (a Hugging Face model given ``labels``), else the
+            cross-entropy of its logits against the batch's targets.
         config: a :class:`FinetuneConfig`; keyword ``overrides`` (any of its fields, e.g. ``epochs=3,
             lr=3e-4``) replace its values.
         teacher: the dense model to distil from (eval mode, no gradients): adds the KL divergence between
             temperature-softened teacher and student logits, mixed with the task loss by
             ``config.distill_weight``. The student's logits come from the default loss's forward pass;
-            with a custom ``loss_fn`` one extra student forward is run on the batch's inputs.
+            with a custom ``loss_fn`` one extra student forward is run on the batch's inputs (the teacher
+            and that forward get the inputs as the batch contract splits them, a mapping whole).
         progress: show a progress bar.
         pruner: a :class:`GradualPruner` stepped after every optimizer step.
 
@@ -452,8 +419,6 @@ def finetune(
         TypeError: bad argument types, unknown keyword, or a batch the default loss cannot handle.
         ValueError: invalid settings, empty ``data``, or a one-shot iterator with ``epochs > 1``.
     """
-    from tqdm.auto import tqdm
-
     fn = "finetune()"
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
@@ -466,10 +431,7 @@ def finetune(
     if unknown:
         raise TypeError(f"{fn}: unexpected keyword argument(s) {unknown}; expected FinetuneConfig fields {sorted(fields)}")
     cfg = dataclasses.replace(config, **overrides)
-    if data is None or isinstance(data, (torch.Tensor, str, bytes)) or not isinstance(data, Iterable):
-        raise TypeError(f"{fn}: expected data as an iterable of batches (e.g. a DataLoader), got {type(data).__name__}")
-    if isinstance(data, Iterator) and cfg.epochs > 1:
-        raise ValueError(f"{fn}: epochs={cfg.epochs} needs re-iterable data (a list or a DataLoader), got an iterator")
+    check_batches(fn, data, label="data", reiterated_by=f"epochs={cfg.epochs}" if cfg.epochs > 1 else None)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"{fn}: expected loss_fn(model, batch) -> scalar, got {type(loss_fn).__name__}")
     if teacher is not None and not isinstance(teacher, nn.Module):
@@ -496,24 +458,24 @@ def finetune(
     if cfg.schedule == "cosine" and total_steps:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 
-    flags = [(m, m.training) for m in model.modules()]
-    teacher_flags = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     enforce_masks(model)
-    handle = attach_mask_hooks(opt, model)
     losses: list[float] = []
     step = 0
-    try:
+    with restoring_modes(model, teacher), attach_mask_hooks(opt, model):
         model.train()
         if teacher is not None:
             teacher.eval()
-        bar = tqdm(total=total_steps, desc="finetune", disable=not progress, leave=False)
+        bar = progress_bar(total=total_steps, desc="finetune", enabled=progress)
         for epoch in range(cfg.epochs):
             total, count = 0.0, 0
             for batch in data:
                 batch = move_batch(batch, device)
                 logits = None
                 if loss_fn is None:
-                    task, logits = _default_task_loss(model, batch)
+                    inputs, targets = split_batch(batch, f"{fn} batch")
+                    output = call_model(model, inputs)
+                    task = loss_from_output(output, targets, fn)
+                    logits = output_tensor(output, fn) if teacher is not None else None
                 else:
                     task = loss_fn(model, batch)
                     if not isinstance(task, torch.Tensor) or task.numel() != 1:
@@ -521,12 +483,12 @@ def finetune(
                     task = task.reshape(())
                 loss = task
                 if teacher is not None:
-                    inputs = _model_inputs(batch)
+                    inputs, _ = split_batch(batch, f"{fn} batch")
                     if logits is None:
-                        logits = _logits(forward_batch(model, inputs))
+                        logits = output_tensor(call_model(model, inputs), fn)
                     with torch.no_grad():
-                        t_logits = _logits(forward_batch(teacher, move_batch(inputs, teacher_device))).to(device)
-                    kd = _distill_loss(logits, t_logits, cfg.temperature)
+                        t_logits = output_tensor(call_model(teacher, move_batch(inputs, teacher_device)), fn)
+                    kd = _distill_loss(logits, t_logits.to(device), cfg.temperature)
                     loss = (1.0 - cfg.distill_weight) * task + cfg.distill_weight * kd
                 if cfg.l1:
                     loss = loss + cfg.l1 * l1_penalty(model)
@@ -553,11 +515,5 @@ def finetune(
             if cfg.max_steps is not None and step >= cfg.max_steps:
                 break
         bar.close()
-    finally:
-        handle.remove()
-        for m, flag in flags:
-            m.training = flag
-        for m, flag in teacher_flags:
-            m.training = flag
     enforce_masks(model)
     return losses

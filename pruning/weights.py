@@ -1,37 +1,27 @@
 """One-shot weight pruning of ``nn.Linear`` / ``nn.Conv2d`` layers: :func:`prune_weights` and its report.
 
-How masks live on a model
--------------------------
-A pruned layer gets a boolean buffer ``weight_mask`` (same shape as ``weight``, ``True`` = kept) and its
-weight is multiplied by the mask in place. Nothing else is patched: no forward hooks, no
-parametrizations, so the layer stays a plain ``nn.Linear`` / ``nn.Conv2d`` and ``model(x)`` costs what
-it did. The buffer is persistent, so a masked model's ``state_dict`` holds ``<layer>.weight_mask`` and
-loads back into a masked model (e.g. to resume fine-tuning). To keep zeros at zero while training use
-:func:`pruning.finetune` (it does this for you) or :func:`pruning.training.attach_mask_hooks` with your
-own optimizer, or call :func:`pruning.enforce_masks` after each step. :func:`pruning.remove_masks`
-drops the buffers and leaves plain weights with zeros.
+Masks live on the model as described in :mod:`pruning.masks` (a ``weight_mask`` buffer per pruned layer).
+The criterion is any :class:`pruning.importance.ImportanceCriterion`: a scoring one gives per-element scores
+that become masks here; a reconstructing one (SparseGPT) returns each layer's new weight and mask.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
+from .batches import check_batches, progress_bar
 from .importance import (
     ImportanceCriterion,
-    Magnitude,
-    SparseGPT,
-    Taylor,
-    Wanda,
-    collect_input_statistics,
-    magnitude_scores,
+    ReconstructingCriterion,
+    ScoreCriterion,
+    criterion_names,
+    pattern_labels,
     resolve_importance,
-    sparsegpt_prune,
-    taylor_scores,
-    wanda_scores,
 )
+from .masks import attach_mask
 from .patterns import (
     Pattern,
     block_mask,
@@ -48,69 +38,12 @@ __all__ = [
     "PruningReport",
     "LayerPruning",
     "SkippedLayer",
-    "MASK_NAME",
-    "attach_mask",
-    "get_mask",
-    "masked_modules",
+    "LayerSelection",
+    "select_layers",
+    "check_pattern_support",
+    "layer_scores",
+    "scores_to_mask",
 ]
-
-MASK_NAME = "weight_mask"
-_INFO_ATTR = "_pruning_info"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Mask primitives
-# ---------------------------------------------------------------------------------------------------
-
-
-def attach_mask(module: nn.Module, mask: torch.Tensor, *, pattern: str = "custom", importance: str = "custom") -> None:
-    """Attach a boolean ``weight_mask`` buffer to ``module`` and zero its pruned weights in place.
-
-    Args:
-        module: ``nn.Linear`` / ``nn.Conv2d`` (anything with a ``weight`` parameter).
-        mask: ``torch.bool`` tensor of the weight's shape, ``True`` = kept.
-        pattern, importance: recorded for reports and plans.
-
-    Raises:
-        TypeError: no ``weight`` parameter, or a non-boolean mask.
-        ValueError: mask shape differs from the weight's.
-    """
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"attach_mask(): expected a module with a weight tensor, got {type(module).__name__}")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"attach_mask(): expected a torch.bool mask, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    if mask.shape != weight.shape:
-        raise ValueError(f"attach_mask(): expected a mask of shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    mask = mask.to(weight.device)
-    with torch.no_grad():
-        weight.mul_(mask)
-    if MASK_NAME in module._buffers:
-        module._buffers[MASK_NAME] = mask
-    else:
-        module.register_buffer(MASK_NAME, mask)
-    setattr(module, _INFO_ATTR, {"pattern": str(pattern), "importance": str(importance)})
-
-
-def get_mask(module: nn.Module) -> torch.Tensor | None:
-    """The module's ``weight_mask`` buffer, or ``None`` if it is not masked."""
-    return module._buffers.get(MASK_NAME)
-
-
-def masked_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``(name, module)`` for every module of ``model`` that carries a ``weight_mask``."""
-    for name, module in model.named_modules():
-        if get_mask(module) is not None:
-            yield name, module
-
-
-def _mask_info(module: nn.Module) -> dict:
-    return dict(getattr(module, _INFO_ATTR, {"pattern": "custom", "importance": "custom"}))
-
-
-# ---------------------------------------------------------------------------------------------------
-# The report
-# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -129,6 +62,12 @@ class LayerPruning:
     def sparsity(self) -> float:
         """Fraction of the weight's elements masked out."""
         return self.pruned / self.numel if self.numel else 0.0
+
+    @classmethod
+    def of(cls, name: str, module: nn.Module, keep: torch.Tensor, pattern: str, importance: str) -> "LayerPruning":
+        """The record of ``module`` (named ``name``) pruned to the boolean ``keep`` mask."""
+        return cls(name, type(module).__name__, tuple(keep.shape), str(pattern), str(importance), keep.numel(),
+                   int((~keep).sum()))
 
 
 @dataclass(frozen=True)
@@ -190,21 +129,8 @@ class PruningReport:
 
 
 # ---------------------------------------------------------------------------------------------------
-# prune_weights
+# Layer selection and scores (shared with sensitivity analysis)
 # ---------------------------------------------------------------------------------------------------
-
-
-def _check_reiterable(fn: str, calib, passes: str) -> None:
-    if calib is None or isinstance(calib, (torch.Tensor, str, bytes)) or not isinstance(calib, Iterable):
-        raise TypeError(
-            f"{fn}: expected calib as an iterable of batches (a list of tensors / tuples / dicts, or a DataLoader), "
-            f"got {type(calib).__name__}"
-        )
-    if isinstance(calib, Iterator):
-        raise ValueError(
-            f"{fn}: {passes} needs a re-iterable calib (a list or a DataLoader), got a one-shot iterator "
-            f"({type(calib).__name__}); wrap it with list(...)"
-        )
 
 
 def _layer_sparsity(name: str, sparsity):
@@ -240,6 +166,19 @@ def _validate_sparsity(fn: str, sparsity, pat: Pattern) -> None:
     check_one("sparsity", sparsity)
 
 
+def check_pattern_support(fn: str, pat: Pattern, crit: ImportanceCriterion) -> None:
+    """Raise ``ValueError`` (naming ``fn``) when ``crit`` does not support the pattern kind of ``pat``."""
+    if pat.kind in crit.patterns:
+        return
+    if pat.kind == "global":
+        raise ValueError(
+            f"{fn}: pattern 'global' compares scores across layers; expected importance in "
+            f"{criterion_names('weights', 'global')}, got {crit.name!r} (use 'unstructured' with a per-layer "
+            "sparsity mapping instead)"
+        )
+    raise ValueError(f"{fn}: importance {crit.name!r} supports {pattern_labels(crit.patterns)} patterns, got {pat}")
+
+
 def _eligibility(module: nn.Module, pat: Pattern, crit: ImportanceCriterion) -> str | None:
     """Why ``module`` cannot take this pattern / criterion, or ``None`` if it can."""
     weight = module.weight
@@ -259,17 +198,154 @@ def _eligibility(module: nn.Module, pat: Pattern, crit: ImportanceCriterion) -> 
         br, bc = pat.block
         if rows % br or cols % bc:
             return f"GEMM view {rows}x{cols} not divisible by the {br}x{bc} block"
-    if isinstance(crit, (Wanda, SparseGPT)) and isinstance(module, nn.Conv2d) and module.groups != 1:
+    if crit.reads_layer_inputs and isinstance(module, nn.Conv2d) and module.groups != 1:
         return f"{crit.name} needs im2col statistics; grouped convolutions (groups={module.groups}) are not supported"
     return None
 
 
-def _scores_to_mask(scores: torch.Tensor, pat: Pattern, sparsity, row_budget: bool) -> torch.Tensor:
+def scores_to_mask(scores: torch.Tensor, pat: Pattern, sparsity: float | None, row_budget: bool) -> torch.Tensor:
+    """The keep mask of one layer's GEMM-view ``scores`` under ``pat`` (``sparsity``: its budget, ``None``
+    for N:M); ``row_budget``: an unstructured budget applies to each output row."""
     if pat.kind == "nm":
         return nm_mask(scores, pat.n, pat.m)
     if pat.kind == "block":
         return block_mask(scores, pat.block, sparsity)
     return unstructured_mask(scores, sparsity, dim=-1 if row_budget else None)
+
+
+def _unsupported_reason(module: nn.Module) -> str | None:
+    """Why a weight-bearing layer that ``prune_weights`` does not handle is left dense, or ``None`` for
+    modules that are not such layers (embeddings, norms, containers...)."""
+    weight = module._parameters.get("weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        return None
+    kind = type(module).__name__
+    if kind == "Conv1D" and hasattr(module, "nf"):
+        return (
+            "transformers Conv1D (weight stored [in, out]) is not supported; only nn.Linear and nn.Conv2d "
+            "are pruned (convert it to nn.Linear with weight.t() first)"
+        )
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"{kind} is not supported; only nn.Linear and nn.Conv2d are pruned"
+    return None
+
+
+@dataclass
+class LayerSelection:
+    """The layers one pruning call works on.
+
+    Attributes:
+        selected: name -> Linear / Conv2d to prune, in module order.
+        skipped: the candidates left dense, with the reason.
+        order: every candidate's name in module order (to sort ``skipped``).
+    """
+
+    selected: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: list[SkippedLayer] = field(default_factory=list)
+    order: list[str] = field(default_factory=list)
+
+    def skip(self, name: str, reason: str) -> None:
+        """Move a selected layer to ``skipped`` with ``reason``."""
+        module = self.selected.pop(name)
+        self.skipped.append(SkippedLayer(name, type(module).__name__, reason))
+
+    def sorted_skipped(self) -> tuple[SkippedLayer, ...]:
+        """``skipped`` in module order."""
+        rank = {n: i for i, n in enumerate(self.order)}
+        return tuple(sorted(self.skipped, key=lambda s: rank.get(s.name, -1)))
+
+
+def select_layers(
+    fn: str,
+    model: nn.Module,
+    pat: Pattern,
+    crit: ImportanceCriterion,
+    filter_fn: Callable[[str, nn.Module], bool] | None,
+    sparsity,
+) -> LayerSelection:
+    """The eligible Linear / Conv2d layers of ``model`` for this pattern, criterion, filter and budget, and the
+    candidates left dense with the reason (other weight layers such as ``nn.Conv1d`` are listed too).
+
+    Raises:
+        ValueError: a per-layer ``sparsity`` mapping names a layer that is not a Linear / Conv2d of the model.
+    """
+    sel = LayerSelection()
+    owners: dict[int, str] = {}
+    candidates = []  # the Linear / Conv2d layers
+    # Parameters held by other modules (e.g. a token embedding tied to an LM head): pruning a layer that
+    # shares one would silently zero entries of that module too.
+    foreign: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            for p in module._parameters.values():
+                if p is not None:
+                    foreign.setdefault(id(p), f"{name!r} ({type(module).__name__})")
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            why = _unsupported_reason(module)
+            if why is not None and (filter_fn is None or filter_fn(name, module)):
+                # Listed so that a model made of such layers (GPT-2's Conv1D) is not pruned silently.
+                sel.order.append(name)
+                sel.skipped.append(SkippedLayer(name, kind, why))
+            continue
+        sel.order.append(name)
+        candidates.append(name)
+        if filter_fn is not None and not filter_fn(name, module):
+            sel.skipped.append(SkippedLayer(name, kind, "excluded by filter_fn"))
+            continue
+        reason = _eligibility(module, pat, crit)
+        if reason is None and id(module.weight) in foreign:
+            reason = (
+                f"shares its weight with {foreign[id(module.weight)]}, which is not pruned; pruning it would zero "
+                "entries there too (untie the weights to prune it)"
+            )
+        if reason is None and id(module.weight) in owners:
+            reason = f"shares its weight with {owners[id(module.weight)]!r} (pruned there)"
+        if reason is None and isinstance(sparsity, Mapping) and name not in sparsity:
+            reason = "no entry in the per-layer sparsity mapping"
+        if reason is not None:
+            sel.skipped.append(SkippedLayer(name, kind, reason))
+            continue
+        owners[id(module.weight)] = name
+        sel.selected[name] = module
+    if isinstance(sparsity, Mapping):
+        unknown = sorted(set(sparsity) - set(candidates))
+        if unknown:
+            raise ValueError(f"{fn}: sparsity mapping names layers that are not Linear/Conv2d in the model: {unknown}")
+    return sel
+
+
+def _unscored_reason(crit: ImportanceCriterion) -> str:
+    if crit.needs_calibration:
+        return "received no input during calibration (not called?)"
+    return f"importance {crit.name!r} gave it no scores"
+
+
+def layer_scores(
+    model: nn.Module,
+    sel: LayerSelection,
+    crit: ScoreCriterion,
+    calib: Iterable | None,
+    loss_fn: Callable | None,
+    progress: bool,
+) -> dict[str, torch.Tensor]:
+    """GEMM-view scores (:func:`pruning.patterns.weight_matrix`) of every selected layer, by layer name; a
+    layer the criterion gives no scores (e.g. never called during calibration) is moved to ``sel.skipped``."""
+    weights = {f"{name}.weight" if name else "weight": name for name in sel.selected}
+    scores = crit.scores(model, list(weights), calib, loss_fn, progress=progress) if weights else {}
+    out = {}
+    for pname, name in weights.items():
+        if pname in scores:
+            out[name] = weight_matrix(scores[pname])
+        else:
+            sel.skip(name, _unscored_reason(crit))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# prune_weights
+# ---------------------------------------------------------------------------------------------------
 
 
 def prune_weights(
@@ -291,15 +367,17 @@ def prune_weights(
             channels at each kernel position), ``"unstructured"`` (layer-wise budget), ``"global"`` (one
             budget across all selected layers; magnitude / taylor only) or ``"block<R>x<C>"`` (whole tiles
             of the GEMM view, e.g. ``"block16x16"``).
-        importance: ``"magnitude"``, ``"taylor"``, ``"wanda"``, ``"sparsegpt"`` or an
-            :class:`pruning.importance.ImportanceCriterion` instance (e.g. ``SparseGPT(blocksize=64)``).
+        importance: a registered name (``"magnitude"``, ``"taylor"``, ``"wanda"``, ``"sparsegpt"``, or one
+            added with :func:`pruning.importance.register_criterion`) or an
+            :class:`pruning.importance.ImportanceCriterion` (e.g. ``SparseGPT(blocksize=64)``).
             With ``"unstructured"``, Wanda compares weights within each output row (its paper's rule:
             every row loses the same share); the others use one budget per layer.
         sparsity: fraction of weights to prune (``None`` for N:M, which fixes it at ``1 - n/m``); a float
             or a mapping layer name -> float (layers missing from the mapping are skipped and reported).
-        calib: iterable of calibration batches (tensor / tuple of positional args / dict of kwargs),
-            needed by taylor, wanda and sparsegpt. Must be re-iterable (list, DataLoader) for sequential
-            SparseGPT. The model runs in eval mode on it; modes are restored afterwards.
+        calib: iterable of calibration batches (:mod:`pruning.batches`: a tensor, a dict of keyword inputs,
+            or ``(inputs, targets)``, so a classification ``DataLoader`` works as it is), needed by taylor,
+            wanda and sparsegpt. Must be re-iterable (list, DataLoader) for sequential SparseGPT. The model
+            runs in eval mode on it; modes are restored afterwards.
         loss_fn: ``loss_fn(model, batch) -> scalar`` (taylor only).
         filter_fn: ``filter_fn(name, module) -> bool`` selects the layers; others are reported as skipped.
         progress: show progress bars.
@@ -318,220 +396,52 @@ def prune_weights(
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
     pat = parse_pattern(pattern)
-    crit = resolve_importance(importance)
+    crit = resolve_importance(importance, use="weights")
     _validate_sparsity(fn, sparsity, pat)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"{fn}: expected filter_fn(name, module) -> bool, got {type(filter_fn).__name__}")
     if crit.needs_calibration:
         if calib is None:
             raise ValueError(f"{fn}: importance={crit.name!r} needs calib (an iterable of calibration batches)")
-        if isinstance(crit, SparseGPT) and crit.sequential:
-            _check_reiterable(fn, calib, "sequential SparseGPT (one calibration pass per layer)")
-        elif isinstance(calib, (torch.Tensor, str, bytes)) or not isinstance(calib, Iterable):
-            raise TypeError(
-                f"{fn}: expected calib as an iterable of batches (wrap a single tensor in a list), "
-                f"got {type(calib).__name__}"
-            )
+        reiterated_by = f"importance {crit.name!r} (more than one calibration pass)" if crit.reiterates_calib else None
+        check_batches(fn, calib, reiterated_by=reiterated_by)
     if crit.needs_loss and not callable(loss_fn):
         raise ValueError(f"{fn}: importance={crit.name!r} needs loss_fn(model, batch) -> scalar, got {loss_fn!r}")
-    if pat.kind == "global" and not isinstance(crit, (Magnitude, Taylor)):
-        raise ValueError(
-            f"{fn}: pattern 'global' compares scores across layers; expected importance 'magnitude' or 'taylor', "
-            f"got {crit.name!r} (use 'unstructured' with a per-layer sparsity mapping instead)"
-        )
-    if pat.kind == "block" and isinstance(crit, SparseGPT):
-        raise ValueError(f"{fn}: importance 'sparsegpt' supports 'n:m', 'unstructured' patterns, got {pat}")
+    check_pattern_support(fn, pat, crit)
 
-    selected, skipped, all_names = _select_layers(model, pat, crit, filter_fn, sparsity)
+    sel = select_layers(fn, model, pat, crit, filter_fn, sparsity)
+    # New weights and masks are computed first and committed at the end, so an error leaves the model as it was.
+    if isinstance(crit, ReconstructingCriterion):
+        budgets = {name: _layer_sparsity(name, sparsity) for name in sel.selected}
+        results = crit.reconstruct(model, sel.selected, pat, budgets, calib, progress=progress)
+        for name in [n for n in sel.selected if n not in results]:
+            sel.skip(name, _unscored_reason(crit))
+    else:
+        results = _masked_weights(model, sel, pat, sparsity, calib, loss_fn, crit, progress)
 
-    # ---- compute new weights and masks on copies -------------------------------------------------
-    results: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (new weight, keep mask), weight shape
-    backups: dict[str, torch.Tensor] = {}
-    try:
-        if isinstance(crit, SparseGPT):
-            results = _sparsegpt_all(model, selected, pat, sparsity, calib, crit, progress, backups, skipped)
-        else:
-            results = _score_based(model, selected, pat, sparsity, calib, loss_fn, crit, progress, skipped)
-    except BaseException:
-        with torch.no_grad():
-            for name, saved in backups.items():
-                selected[name].weight.copy_(saved)
-        raise
-
-    # ---- commit ---------------------------------------------------------------------------------
     layers = []
     for name, (new_weight, keep) in results.items():
-        module = selected[name]
+        module = sel.selected[name]
         with torch.no_grad():
             module.weight.copy_(new_weight)
         attach_mask(module, keep, pattern=str(pat), importance=crit.name)
-        layers.append(
-            LayerPruning(
-                name,
-                type(module).__name__,
-                tuple(module.weight.shape),
-                str(pat),
-                crit.name,
-                keep.numel(),
-                int((~keep).sum()),
-            )
-        )
-    order = {n: i for i, n in enumerate(all_names)}
-    skipped.sort(key=lambda s: order.get(s.name, -1))
-    return PruningReport(str(pat), crit.name, tuple(layers), tuple(skipped))
+        layers.append(LayerPruning.of(name, module, keep, str(pat), crit.name))
+    return PruningReport(str(pat), crit.name, tuple(layers), sel.sorted_skipped())
 
 
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why a weight-bearing layer that ``prune_weights`` does not handle is left dense, or ``None`` for
-    modules that are not such layers (embeddings, norms, containers...)."""
-    weight = module._parameters.get("weight")
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        return None
-    kind = type(module).__name__
-    if kind == "Conv1D" and hasattr(module, "nf"):
-        return (
-            "transformers Conv1D (weight stored [in, out]) is not supported; only nn.Linear and nn.Conv2d "
-            "are pruned (convert it to nn.Linear with weight.t() first)"
-        )
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return f"{kind} is not supported; only nn.Linear and nn.Conv2d are pruned"
-    return None
-
-
-def _select_layers(model, pat, crit, filter_fn, sparsity):
-    """The eligible Linear / Conv2d layers, the skipped ones with reasons, and every candidate's name."""
-    selected: dict[str, nn.Module] = {}
-    skipped: list[SkippedLayer] = []
-    owners: dict[int, str] = {}
-    all_names = []
-    candidates = []  # the Linear / Conv2d layers
-    # Parameters held by other modules (e.g. a token embedding tied to an LM head): pruning a layer that
-    # shares one would silently zero entries of that module too.
-    foreign: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            for p in module._parameters.values():
-                if p is not None:
-                    foreign.setdefault(id(p), f"{name!r} ({type(module).__name__})")
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            why = _unsupported_reason(module)
-            if why is not None and (filter_fn is None or filter_fn(name, module)):
-                # Listed so that a model made of such layers (GPT-2's Conv1D) is not pruned silently.
-                all_names.append(name)
-                skipped.append(SkippedLayer(name, type(module).__name__, why))
-            continue
-        all_names.append(name)
-        candidates.append(name)
-        kind = type(module).__name__
-        if filter_fn is not None and not filter_fn(name, module):
-            skipped.append(SkippedLayer(name, kind, "excluded by filter_fn"))
-            continue
-        reason = _eligibility(module, pat, crit)
-        if reason is None and id(module.weight) in foreign:
-            reason = (
-                f"shares its weight with {foreign[id(module.weight)]}, which is not pruned; pruning it would zero "
-                "entries there too (untie the weights to prune it)"
-            )
-        if reason is None and id(module.weight) in owners:
-            reason = f"shares its weight with {owners[id(module.weight)]!r} (pruned there)"
-        if reason is None and isinstance(sparsity, Mapping) and name not in sparsity:
-            reason = "no entry in the per-layer sparsity mapping"
-        if reason is not None:
-            skipped.append(SkippedLayer(name, kind, reason))
-            continue
-        owners[id(module.weight)] = name
-        selected[name] = module
-    if isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(candidates))
-        if unknown:
-            raise ValueError(
-                f"prune_weights(): sparsity mapping names layers that are not Linear/Conv2d in the model: {unknown}"
-            )
-    return selected, skipped, all_names
-
-
-def _compute_scores(model, selected, crit, calib, loss_fn, progress, skipped) -> dict[str, torch.Tensor]:
-    """Score matrices (GEMM view) of the selected layers; layers never called during calibration are
-    moved from ``selected`` to ``skipped``."""
-    stats = {}
-    taylor = {}
-    if isinstance(crit, Wanda) and selected:
-        stats = collect_input_statistics(model, selected, calib, progress=progress)
-    if isinstance(crit, Taylor) and selected:
-        taylor = taylor_scores(model, {n: m.weight for n, m in selected.items()}, calib, loss_fn, progress=progress)
-    scores = {}
-    for name, module in list(selected.items()):
-        matrix = weight_matrix(module.weight.detach())
-        if isinstance(crit, Magnitude):
-            scores[name] = magnitude_scores(matrix)
-        elif isinstance(crit, Taylor):
-            scores[name] = weight_matrix(taylor[name])
-        else:
-            if name not in stats:
-                skipped.append(
-                    SkippedLayer(name, type(module).__name__, "received no input during calibration (not called?)")
-                )
-                del selected[name]
-                continue
-            scores[name] = wanda_scores(matrix, stats[name].sq_norms)
-    return scores
-
-
-def _score_based(model, selected, pat, sparsity, calib, loss_fn, crit, progress, skipped):
-    from tqdm.auto import tqdm
-
-    scores = _compute_scores(model, selected, crit, calib, loss_fn, progress, skipped)
+def _masked_weights(model, sel, pat, sparsity, calib, loss_fn, crit: ScoreCriterion, progress):
+    """``name -> (weight * keep, keep)`` of every selected layer scored by ``crit``."""
+    scores = layer_scores(model, sel, crit, calib, loss_fn, progress)
     if pat.kind == "global":
         masks = global_unstructured_masks(scores, sparsity) if scores else {}
     else:
-        masks = {}
-        for name in tqdm(list(scores), desc="masks", disable=not progress, leave=False):
-            layer_sparsity = _layer_sparsity(name, sparsity)
-            masks[name] = _scores_to_mask(scores[name], pat, layer_sparsity, row_budget=isinstance(crit, Wanda))
+        masks = {
+            name: scores_to_mask(scores[name], pat, _layer_sparsity(name, sparsity), crit.row_budget)
+            for name in progress_bar(list(scores), desc="masks", enabled=progress)
+        }
     results = {}
     for name, mask in masks.items():
-        weight = selected[name].weight.detach()
+        weight = sel.selected[name].weight.detach()
         keep = matrix_to_weight(mask, weight.shape)
         results[name] = (weight * keep, keep)
-    return results
-
-
-def _sparsegpt_all(model, selected, pat, sparsity, calib, crit: SparseGPT, progress, backups, skipped):
-    from tqdm.auto import tqdm
-
-    n, m = (pat.n, pat.m) if pat.kind == "nm" else (0, 0)
-    results = {}
-    stats = {}
-    if not crit.sequential and selected:
-        stats = collect_input_statistics(model, selected, calib, hessian=True, dtype=crit.dtype, progress=progress)
-    for name, module in tqdm(list(selected.items()), desc="sparsegpt", disable=not progress, leave=False):
-        if crit.sequential:
-            stats = collect_input_statistics(
-                model, {name: module}, calib, hessian=True, dtype=crit.dtype, progress=False, stop_after=name
-            )
-        if name not in stats:
-            skipped.append(SkippedLayer(name, type(module).__name__, "received no input during calibration (not called?)"))
-            continue
-        weight = module.weight.detach()
-        layer_sparsity = None if m else _layer_sparsity(name, sparsity)
-        new_matrix, keep_matrix = sparsegpt_prune(
-            weight_matrix(weight),
-            stats[name].hessian,
-            n=n,
-            m=m,
-            sparsity=layer_sparsity,
-            blocksize=crit.blocksize,
-            damp=crit.damp,
-            dtype=crit.dtype,
-        )
-        new_weight = matrix_to_weight(new_matrix, weight.shape).to(weight.device)
-        keep = matrix_to_weight(keep_matrix, weight.shape).to(weight.device)
-        results[name] = (new_weight, keep)
-        if crit.sequential:
-            # Later layers calibrate on this layer's pruned output; restored if anything fails.
-            backups[name] = weight.clone()
-            with torch.no_grad():
-                module.weight.copy_(new_weight)
-        del stats[name]
     return results

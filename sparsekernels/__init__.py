@@ -3,11 +3,14 @@
 Importing the package is cheap: no CUDA initialisation, no Triton import. Every public name is
 resolved lazily from the submodule that defines it (see ``_EXPORTS``).
 
-Layout (data flows one way)::
+Layers (each imports only the ones below it; ``docs/architecture.md`` has the picture)::
 
-    sparsekernels.nn       modules (SparseLinear, SparseConv2d, ...), whole-model swap, tuning
-    sparsekernels.ops      one file per kernel: Triton kernel + launcher + torch.library op + reference
-    sparsekernels.formats  compressed weight layouts (2:4 packing, block-sparse tiles)
+    sparsekernels.app, .benchmarks, .examples   the jobs behind the CLI: demo, prune, benchmarks
+    sparsekernels.swap, .checkpoint, .tuning    whole-model swap, compressed checkpoints, tune / explain
+    sparsekernels.nn                            sparse modules (SparseLinear, ...) and their registry
+    sparsekernels.ops                           kernels, the routing of backends, the dispatcher
+    sparsekernels.formats                       compressed weight layouts (2:4 packing, block-sparse tiles)
+    sparsekernels.timing, .environment, .tables timers, environment stamps, text tables
 """
 from __future__ import annotations
 
@@ -24,19 +27,21 @@ _EXPORTS = {
     "compress_blocks": "sparsekernels.formats.blocksparse",
     "BlockSparseWeight": "sparsekernels.formats.blocksparse",
     # ops
-    "sparse24_linear": "sparsekernels.ops.sparse24_linear",
-    "sparse24_conv2d": "sparsekernels.ops.sparse24_conv2d",
-    "block_sparse_linear": "sparsekernels.ops.blocksparse_linear",
+    "sparse24_linear": "sparsekernels.ops.functional",
+    "sparse24_conv2d": "sparsekernels.ops.functional",
+    "block_sparse_linear": "sparsekernels.ops.functional",
     # modules
     "SparseLinear": "sparsekernels.nn.linear",
     "SparseConv2d": "sparsekernels.nn.conv",
     "BlockSparseLinear": "sparsekernels.nn.blocksparse",
-    "sparsify": "sparsekernels.nn.swap",
-    "densify": "sparsekernels.nn.swap",
-    "SwapReport": "sparsekernels.nn.swap",
+    "SparseModule": "sparsekernels.nn.base",
+    "register_sparse_module": "sparsekernels.nn.base",
+    "sparsify": "sparsekernels.swap",
+    "densify": "sparsekernels.swap",
+    "SwapReport": "sparsekernels.swap",
     # dispatcher / tuning
-    "tune": "sparsekernels.nn.tuning",
-    "explain": "sparsekernels.nn.tuning",
+    "tune": "sparsekernels.tuning",
+    "explain": "sparsekernels.tuning",
     # checkpoints
     "save_sparse": "sparsekernels.checkpoint",
     "load_sparse": "sparsekernels.checkpoint",

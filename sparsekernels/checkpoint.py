@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from ._version import __version__
-from .nn.swap import move_hooks, module_occurrences, replace_modules, sparse_module_class, sparse_module_types
+from .nn import sparse_module_class, sparse_module_types
+from .nn.walk import module_occurrences, move_hooks, replace_modules
 
 __all__ = ["save_sparse", "load_sparse", "read_metadata", "METADATA_KEY"]
 
@@ -35,45 +36,6 @@ def _dtype_from_name(name: str) -> torch.dtype:
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"load_sparse(): expected a torch dtype name in the checkpoint metadata, got {name!r}")
     return dtype
-
-
-def _as_list(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
-
-
-def _constructor_args(module: nn.Module) -> dict:
-    """The keyword arguments that rebuild ``module``'s (uninitialised) sparse state."""
-    kind = type(module).__name__
-    bias = getattr(module, "bias", None) is not None
-    if kind == "SparseLinear":
-        return {"in_features": int(module.in_features), "out_features": int(module.out_features), "bias": bias}
-    if kind == "SparseConv2d":
-        return {
-            "in_channels": int(module.in_channels),
-            "out_channels": int(module.out_channels),
-            "kernel_size": _as_list(module.kernel_size),
-            "stride": _as_list(module.stride),
-            "padding": _as_list(module.padding),
-            "dilation": _as_list(module.dilation),
-            "bias": bias,
-        }
-    if kind == "BlockSparseLinear":
-        return {
-            "in_features": int(module.in_features),
-            "out_features": int(module.out_features),
-            "nnz_blocks": int(module.nnz_blocks),
-            "block_size": int(module.block_size),
-            "bias": bias,
-        }
-    raise TypeError(f"save_sparse(): no constructor record for {kind}")
-
-
-def _weight_dtype(module: nn.Module) -> torch.dtype:
-    for name in ("weight_values", "block_values"):
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor):
-            return t.dtype
-    return next(module.parameters()).dtype
 
 
 def save_sparse(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None) -> dict:
@@ -112,9 +74,9 @@ def save_sparse(model: nn.Module, path: str | os.PathLike, *, metadata: dict[str
             records.append({
                 "name": name,
                 "class": type(module).__name__,
-                "args": _constructor_args(module),
-                "backend": str(getattr(module, "backend", "auto")),
-                "dtype": _dtype_name(_weight_dtype(module)),
+                "args": module.constructor_args(),
+                "backend": str(module.backend),
+                "dtype": _dtype_name(module.weight_dtype),
             })
 
     state = dict(model.state_dict())
@@ -196,24 +158,26 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return record
 
 
-_DENSE_OF = {"SparseLinear": nn.Linear, "BlockSparseLinear": nn.Linear, "SparseConv2d": nn.Conv2d}
-_SIZES = {nn.Linear: ("in_features", "out_features"), nn.Conv2d: ("in_channels", "out_channels", "kernel_size")}
+def _same(a, b) -> bool:
+    norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    return norm(a) == norm(b)
 
 
 def _check_target(fn: str, rec: dict, old: nn.Module, cls: type, args: dict) -> None:
-    """The model's module at a recorded name must be the dense layer (or sparse module) of that shape."""
-    dense_type = _DENSE_OF.get(rec["class"], nn.Module)
-    if not isinstance(old, (dense_type, cls)):
+    """The model's module at a recorded name must be the dense layer the sparse module replaces (or that sparse
+    module), with the recorded sizes and geometry."""
+    if not isinstance(old, (cls.dense_type, cls)):
         raise ValueError(
             f"{fn}: the checkpoint has a {rec['class']} at {rec['name']!r}, expected the model to have an "
-            f"nn.{dense_type.__name__} there, got {type(old).__name__}"
+            f"nn.{cls.dense_type.__name__} there, got {type(old).__name__}"
         )
-    for attr in _SIZES.get(dense_type, ()):
+    for attr, recorded in args.items():
         have = getattr(old, attr, None)
-        have = tuple(have) if isinstance(have, (list, tuple)) else have
-        if have is not None and have != args[attr]:
+        if attr == "bias" or have is None or isinstance(have, (str, torch.Tensor)):
+            continue
+        if not _same(have, recorded):
             raise ValueError(
-                f"{fn}: layer {rec['name']!r} has {attr}={have} in the model but {args[attr]} in the checkpoint"
+                f"{fn}: layer {rec['name']!r} has {attr}={have} in the model but {recorded} in the checkpoint"
             )
 
 

@@ -5,15 +5,17 @@ Subcommands:
 * ``demo``  -- the main job: train a CNN on the bundled digits, prune (filters, 2:4, both), fine-tune, swap to
   the sparse runtime, time against dense, write the table and a plot;
 * ``prune`` -- prune a torchvision model, a ``module:factory`` model or a safetensors checkpoint; save it;
-* ``bench`` -- the kernel sweep, the layer suite, the model suites, or the one-call GPU suite.
+* ``bench`` -- the kernel sweep, the layer suite, the model suites, the one-call GPU suite, and the
+  single-purpose benchmarks (CPU memory, channel latency, pruning quality, the CPU design study).
 
 Every bad argument ends in one line ``sparsekernels <command>: error: ...`` and exit code 2. Only the argument
-parsing lives here; the commands live in :mod:`sparsekernels.app` and are imported when they run, so
-``--help`` costs nothing (no torchvision, no pruning, no triton).
+parsing lives here; the commands live in :mod:`sparsekernels.app` and :mod:`sparsekernels.benchmarks` and are
+imported when they run, so ``--help`` costs nothing (no torchvision, no pruning, no triton).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from ._version import __version__
@@ -27,44 +29,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _checked(convert, accepts, expected: str):
+    """An argparse type: ``convert(text)`` when it parses and ``accepts`` the value, else the error "expected ..."."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_ratio = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_positive_float = _checked(float, lambda v: v > 0, "a positive number")
 
 
 def _pattern(text: str) -> str:
@@ -87,18 +70,17 @@ def _add_progress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
 
+def _config(cls, args: argparse.Namespace, **options):
+    """The frozen dataclass ``cls`` with every field that has a command-line option set from it (``options``:
+    field -> option name, where they differ); fields without an option keep their defaults."""
+    names = {f.name: options.get(f.name, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{field: getattr(args, option) for field, option in names.items() if hasattr(args, option)})
+
+
 def _run_demo(args) -> int:
     from .app.demo import DemoConfig, run_demo
 
-    config = DemoConfig(
-        epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs,
-        width=args.width,
-        batch=args.batch,
-        channel_ratio=args.ratio,
-        seed=args.seed,
-        threads=args.threads,
-    )
+    config = _config(DemoConfig, args, channel_ratio="ratio")
     run_demo(config, device=args.device, out_dir=args.out, progress=args.progress)
     return 0
 
@@ -106,33 +88,22 @@ def _run_demo(args) -> int:
 def _run_prune(args) -> int:
     from .app.prune import PruneConfig, run_prune
 
-    config = PruneConfig(
-        model=args.model,
-        pattern=args.pattern,
-        ratio=args.ratio,
-        importance=args.importance,
-        input_shape=args.input_shape,
-        factory=args.factory,
-        round_to=args.round_to,
-        calib_batches=args.calib_batches,
-        seed=args.seed,
-    )
-    run_prune(config, out=args.out, progress=args.progress)
+    run_prune(_config(PruneConfig, args), out=args.out, progress=args.progress)
     return 0
 
 
 def _run_bench(args) -> int:
-    from .app.bench import run_bench
+    from .app import UsageError, parse_dtype, resolve_device
+    from .benchmarks.run import check_selection, run_bench
 
-    run_bench(
-        args.which,
-        device=args.device,
-        dtype=args.dtype,
-        quick=args.quick,
-        out_dir=args.out,
-        progress=args.progress,
-        budget_s=args.budget_s,
-    )
+    device = None if args.device == "auto" else resolve_device(args.device)
+    dtype = None if args.dtype == "auto" else parse_dtype(args.dtype, device)
+    try:
+        device = check_selection(args.which, device, dtype, args.budget_s)
+    except ValueError as e:  # arguments this selection cannot run with: a usage error, said in one line
+        raise UsageError(str(e)) from e
+    run_bench(args.which, device=device, dtype=dtype, quick=args.quick, out_dir=args.out, progress=args.progress,
+              budget_s=args.budget_s)
     return 0
 
 
@@ -191,19 +162,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_progress(prune)
     prune.set_defaults(func=_run_prune)
 
+    from .benchmarks import SELECTIONS
+
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: kernels (2:4 Linear sweep), layers, models, all, or the one-call GPU suite",
+        help="benchmarks: kernels (2:4 Linear sweep), layers, models, all, the one-call GPU suite, and more",
         description="kernels: the 2:4 Linear sweep; layers: per-layer dispatched sparse vs dense; models: "
         "ResNet-50, a BERT-base encoder and LLaMA-sized projections; all: the three; gpu: the one-call GPU "
-        "suite (< 9 minutes on an H100, at most 8 files, flat in --out).",
+        "suite (< 9 minutes on an H100, at most 8 files, flat in --out); memory: resident memory of a CPU 2:4 "
+        "SparseLinear vs nn.Linear; channel-latency: filter-pruned ResNet-50 vs dense; pruning-quality: "
+        "accuracy and output fidelity per pruning criterion (CPU); cpu-auto: the CPU design study of "
+        "SparseConv2d and BlockSparseLinear.",
     )
-    bench.add_argument("which", nargs="?", default="all", choices=("kernels", "layers", "models", "all", "gpu"),
-                       help="what to run (default: all)")
+    bench.add_argument("which", nargs="?", default="all", choices=SELECTIONS, help="what to run (default: all)")
     _add_device(bench)
     bench.add_argument("--dtype", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                        help="auto = fp16 on a GPU, fp32 on the CPU")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes: runs on a CPU in about a minute")
+    bench.add_argument("--quick", action="store_true",
+                       help="tiny sizes: runs on a CPU in about a minute; files named *_quick")
     bench.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
     bench.add_argument("--budget-s", type=_positive_float, default=None,
                        help="gpu: time budget in seconds (default 480, under the 9-minute limit)")

@@ -31,6 +31,33 @@ def kernel_device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
 
 
+@pytest.fixture
+def kernel_override():
+    """Replace a registered kernel implementation for one test: ``kernel_override(op, backend, make)``
+    registers ``make(real)`` in place of the real implementation, which is registered again afterwards."""
+    from sparsekernels.ops import functional, routing
+
+    saved = []
+
+    def override(op: str, backend: str, make):
+        functional.custom_op(op)  # the kernel module registers its implementations when imported
+        real = routing.implementation(op, backend)
+        saved.append((op, backend, real))
+        routing.register_kernel(op, backend, make(real))
+        return real
+
+    yield override
+    for op, backend, real in reversed(saved):
+        routing.register_kernel(op, backend, real)
+
+
+def spy(kernel_override, op: str, backend: str) -> list:
+    """Calls of ``op``'s ``backend`` implementation during the test, recorded as the backend name."""
+    calls: list = []
+    kernel_override(op, backend, lambda real: lambda *a, **k: calls.append(backend) or real(*a, **k))
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -7,13 +7,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekernels.formats.blocksparse import BlockSparseWeight, block_sparsity, compress_blocks
+from conftest import spy
 from sparsekernels.nn.blocksparse import BlockSparseLinear
-from sparsekernels.ops import blocksparse_linear as bsl
-from sparsekernels.ops.blocksparse_linear import (
-    block_sparse_linear,
-    block_sparse_linear_dense,
-    block_sparse_linear_reference,
-)
+from sparsekernels.ops import routing
+from sparsekernels.ops.blocksparse_linear import block_sparse_linear_reference
+from sparsekernels.ops.functional import block_sparse_linear
 from tolerances import assert_close_rel, rel_error
 
 
@@ -30,13 +28,17 @@ def block_masked(out, k, bs, keep, dtype=torch.float64, empty_rows=(), generator
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(kernel_override):
     """Kernel outputs start as NaN, so an element the kernel forgets to write fails the test."""
 
-    def _new_output(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    def make(real):
+        def launch(x2d, values, row_ptr, col_idx, bias, n):
+            out = torch.full((x2d.shape[0], n), float("nan"), dtype=x2d.dtype, device=x2d.device)
+            return real(x2d, values, row_ptr, col_idx, bias, n, out=out)
 
-    monkeypatch.setattr(bsl, "_new_output", _new_output)
+        return launch
+
+    kernel_override("block_sparse_linear", "triton", make)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +180,8 @@ def test_reference_and_dense_match_float64(bs):
     b = torch.randn(w.shape[0], dtype=torch.float64)
     ref = F.linear(x, w, b)
     assert rel_error(block_sparse_linear_reference(x, wb, b), ref) < 1e-13
-    assert rel_error(block_sparse_linear_dense(x, wb, b), ref) < 1e-13
+    assert rel_error(routing.implementation("block_sparse_linear", "dense")(x.reshape(-1, w.shape[1]), wb.values,
+                     wb.row_ptr, wb.col_idx, b, w.shape[0]), ref.reshape(-1, w.shape[0])) < 1e-13
     # float32 through the public function, every CPU backend
     x32, b32 = x.float(), b.float()
     wb32 = compress_blocks(w32, bs)
@@ -186,19 +189,17 @@ def test_reference_and_dense_match_float64(bs):
         assert_close_rel(block_sparse_linear(x32, wb32, b32, backend=backend), ref, torch.float32)
 
 
-def test_cpu_auto_picks_block_path_only_when_sparse_and_tall(monkeypatch):
-    calls = []
-    real_ref = bsl._reference_2d
-    monkeypatch.setattr(bsl, "_reference_2d", lambda *a: calls.append("ref") or real_ref(*a))
+def test_cpu_auto_picks_block_path_only_when_sparse_and_tall(kernel_override):
+    calls = spy(kernel_override, "block_sparse_linear", "reference")
     bs = 16
     w_sparse, _ = block_masked(8 * bs, 8 * bs, bs, 0.02, torch.float32)  # ~1 of 64 blocks (+ block 0,0)
     wb = compress_blocks(w_sparse, bs)
-    assert wb.density <= bsl.CPU_AUTO_MAX_DENSITY
-    x_tall = torch.randn(bsl.CPU_AUTO_MIN_ROWS, 8 * bs)
+    assert wb.density <= routing.CPU_BLOCK_MAX_DENSITY
+    x_tall = torch.randn(routing.CPU_BLOCK_MIN_ROWS, 8 * bs)
     y = block_sparse_linear(x_tall, wb)
-    assert calls == ["ref"]
+    assert calls == ["reference"]
     block_sparse_linear(x_tall[:1], wb)  # too few rows: cached dense
-    assert calls == ["ref"]
+    assert calls == ["reference"]
     assert_close_rel(y, F.linear(x_tall.double(), w_sparse.double()), torch.float32)
 
 
@@ -230,11 +231,11 @@ def test_public_function_errors(monkeypatch):
         block_sparse_linear(x, wb, [0.0])
     with pytest.raises(ValueError, match=r"bias of shape \(32,\)"):
         block_sparse_linear(x, wb, torch.zeros(31))
-    with pytest.raises(TypeError, match="bias torch.float32"):
+    with pytest.raises(TypeError, match="bias of the weight.s dtype torch.float32"):
         block_sparse_linear(x, wb, torch.zeros(32, dtype=torch.float16))
     with pytest.raises(ValueError, match="backend"):
         block_sparse_linear(x, wb, backend="fast")
-    with pytest.raises(RuntimeError, match="cusparselt"):  # CPU: needs CUDA; CUDA: 2:4 weights only
+    with pytest.raises(ValueError, match="backend 'cusparselt' does not compute block_sparse_linear"):
         block_sparse_linear(x.to(wb.device), wb, backend="cusparselt")
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="SPARSEKERNELS_BACKEND"):
@@ -246,14 +247,12 @@ def test_public_function_errors(monkeypatch):
             block_sparse_linear(x, wb, backend="triton")
 
 
-def test_env_override_forces_backend(monkeypatch):
-    calls = []
-    real_ref = bsl._reference_2d
-    monkeypatch.setattr(bsl, "_reference_2d", lambda *a: calls.append("ref") or real_ref(*a))
+def test_env_override_forces_backend(monkeypatch, kernel_override):
+    calls = spy(kernel_override, "block_sparse_linear", "reference")
     w, _ = block_masked(32, 48, 16, 0.5, torch.float32)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "reference")
     block_sparse_linear(torch.randn(2, 48), compress_blocks(w, 16), backend="dense")
-    assert calls == ["ref"]
+    assert calls == ["reference"]
 
 
 def test_custom_op_opcheck():

@@ -6,16 +6,12 @@ import torch
 pytest.importorskip("sklearn")
 
 from pruning.channels import prune_channels  # noqa: E402
-from sparsekernels.bench.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier  # noqa: E402
+from test_prune_weights import one_thread  # noqa: E402,F401
+from sparsekernels.examples.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the suite shares a 2-core machine: intra-op threads only add contention at these tiny sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the suite shares a 2-core machine: intra-op threads only add contention at these tiny sizes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

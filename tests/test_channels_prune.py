@@ -14,6 +14,7 @@ from pruning.channels import (
     mask_channels,
     prune_channels,
 )
+from test_pruning_batches import TwoInputs
 from tolerances import assert_close_rel
 
 
@@ -330,21 +331,12 @@ def test_taylor_default_loss_needs_targets():
 
 
 def test_dict_and_tuple_inputs():
-    class TwoInputs(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = nn.Linear(6, 10)
-            self.b = nn.Linear(10, 3)
-
-        def forward(self, x, scale=None):
-            h = F.relu(self.a(x))
-            return self.b(h) * (1.0 if scale is None else scale)
-
     m = TwoInputs()
     x = torch.randn(2, 6)
     p1 = prune_channels(m, (x,), ratio=0.5, progress=False)
     p2 = prune_channels(m, {"x": x, "scale": 2.0}, ratio=0.5, progress=False)
-    assert p1.a.out_features == p2.a.out_features == 5 and p1.b.in_features == 5
+    p3 = prune_channels(m, [x, 2.0], ratio=0.5, progress=False)
+    assert p1.a.out_features == p2.a.out_features == p3.a.out_features == 4 and p1.b.in_features == 4
 
 
 def test_taylor_with_custom_loss_and_bn_scale_fallback():
@@ -361,7 +353,7 @@ def test_taylor_with_custom_loss_and_bn_scale_fallback():
                             progress=False)
     assert len(calls) == 2 and pruned.features[0][0].out_channels == 6
     assert all(p.grad is None for p in model.parameters())  # the input model saw no backward pass
-    # a loss that is not a scalar, or carries no gradient, is reported (was autograd's bare RuntimeError)
+    # a loss that is not a scalar, or carries no gradient, is reported (not as autograd's bare RuntimeError)
     before = copy.deepcopy(model)
     with pytest.raises(TypeError, match=r"scalar tensor, got a tensor of shape \(2, 5\)"):
         prune_channels(model, x, ratio=0.5, importance="taylor", calib=calib, loss_fn=lambda m, b: m(b),
@@ -400,8 +392,8 @@ class ConcatSE(nn.Module):
 
 @pytest.mark.parametrize("ratio", [0.4, 0.99])
 def test_concat_gated_by_se_is_pruned_and_no_part_emptied(ratio):
-    """Regression: this group used to be kept whole ("units of unequal sizes"), so MACs did not drop at any
-    ratio; at ratio 0.99 every part of the concatenation must still keep a channel."""
+    """This group must be pruned, not kept whole as "units of unequal sizes" (MACs would not drop at any
+    ratio); at ratio 0.99 every part of the concatenation must still keep a channel."""
     model = randomize(ConcatSE()).double()
     x = torch.randn(2, 3, 11, 11, dtype=torch.float64)
     original = copy.deepcopy(model)
@@ -439,9 +431,8 @@ class TiedLinears(nn.Module):
 
 
 def test_tied_weights_stay_tied_and_are_pruned_consistently():
-    """Regression: only the first holder of a tied parameter got the pruned tensor (the second kept the
-    old one, the check forward failed and everything was kept), and a tied use on the untraced model input
-    was not seen as fixing the width."""
+    """Every holder of a tied parameter gets the pruned tensor (so the check forward passes and the channels
+    are pruned), and a tied use on the untraced model input fixes the width."""
     torch.manual_seed(0)
     model = TiedLinears(first_tied=False).double().eval()
     x = torch.randn(4, 5, dtype=torch.float64)

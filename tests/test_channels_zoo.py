@@ -6,15 +6,11 @@ import torch
 torchvision = pytest.importorskip("torchvision")
 
 from pruning.channels import prune_channels  # noqa: E402
+from test_prune_weights import one_thread  # noqa: E402,F401
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the suite shares a 2-core machine: intra-op threads only add contention at these tiny sizes
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# the suite shares a 2-core machine: intra-op threads only add contention at these tiny sizes
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # smallest variant of every family; (constructor kwargs, input side)
 ZOO = {

@@ -103,6 +103,10 @@ def test_no_command_prints_help_and_version(capsys):
         (["bench", "models", "--budget-s", "5"], "bench", "--budget-s only applies"),
         (["bench", "kernels", "--device", "cuda:0"] if not torch.cuda.is_available() else ["bench", "--device", "xpu:9"],
          "bench", "--device"),
+        (["bench", "memory", "--device", "cuda"], "bench",
+         "measures the CPU" if torch.cuda.is_available() else "no CUDA GPU"),
+        (["bench", "pruning-quality", "--dtype", "fp16"], "bench", "float32 only"),
+        (["bench", "cpu-auto", "--dtype", "bf16"], "bench", "float32 only"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, command, needle, capsys, tmp_path, monkeypatch):
@@ -286,12 +290,13 @@ def test_demo_tiny_on_gpu(tmp_path, capsys):
 
 
 def test_bench_models_tiny(tmp_path, capsys, monkeypatch):
-    from sparsekernels.app import suites
+    from sparsekernels.benchmarks import models
 
-    tiny = suites.SuiteSizes(resnet_batch=1, resnet_resolution=32, resnet_ratios=(0.3,), bert_layers=1, bert_seq=8,
-                             bert_batches=(1,), llama_shapes=(("tiny 64->32", 64, 32),), llama_tokens=(1, 8),
-                             rounds=1, rep=1, resnet_arch="squeezenet1_1", bert_vocab=1000)
-    monkeypatch.setattr(suites, "suite_sizes", lambda device, quick: tiny)
+    tiny = models.SuiteSizes(resnet=models.ResNetSizes(arch="squeezenet1_1", batch=1, resolution=32, ratios=(0.3,)),
+                             bert=models.BertSizes(layers=1, seq=8, batches=(1,), vocab=1000),
+                             llama=models.LlamaSizes(shapes=(("tiny 64->32", 64, 32),), tokens=(1, 8)),
+                             rounds=1, rep=1)
+    monkeypatch.setattr(models, "suite_sizes", lambda device, quick: tiny)
     out = tmp_path / "b"
     code, stdout, err = _run(["bench", "models", "--quick", "--device", "cpu", "--out", str(out), "--no-progress"],
                              capsys)
@@ -314,7 +319,7 @@ def test_bench_models_tiny(tmp_path, capsys, monkeypatch):
 
 
 def test_bench_kernels_wrapper_writes_report(tmp_path):
-    from sparsekernels.app.bench import run_kernels
+    from sparsekernels.benchmarks.run import run_kernels
 
     rows, paths = run_kernels(torch.device("cpu"), None, quick=True, out_dir=tmp_path, progress=False,
                               layers=((64, 32),), tokens=(1, 4))
@@ -323,3 +328,16 @@ def test_bench_kernels_wrapper_writes_report(tmp_path):
     assert all(r["median_ms"] > 0 and r["speedup_vs_dense"] > 0 and r["roofline_pct"] is None for r in rows)
     data = json.loads((tmp_path / "kernels_linear24.json").read_text())
     assert data["schema"] == "sparsekernels.report/1" and len(data["rows"]) == len(rows)
+
+
+def test_bench_memory_tiny(tmp_path, capsys, monkeypatch):
+    from sparsekernels.benchmarks import cpu_memory
+
+    monkeypatch.setattr(cpu_memory, "QUICK_LAYER_SIZES", ((32, 16),))
+    out = tmp_path / "m"
+    code, stdout, err = _run(["bench", "memory", "--quick", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["cpu_memory_quick.json", "cpu_memory_quick.md"]
+    data = json.loads((out / "cpu_memory_quick.json").read_text())
+    assert [r["layer"] for r in data["rows"]] == ["32x16"] and data["rows"][0]["tensor_mb_ratio"] == 1.0
+    assert "75ab588" in data["notes"] and "wrote" in stdout

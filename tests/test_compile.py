@@ -52,26 +52,22 @@ def test_resnet18_compile_fullgraph():
     model = torchvision.models.resnet18(num_classes=10)
     randomize_bn(model)
     mask_model_24(model).eval()
-    x = torch.randn(2, 3, 32, 32)
+    assert_swapped_compiles(model, torch.randn(2, 3, 32, 32), "eager")
+
+
+def assert_swapped_compiles(model, x, compile_backend, **sparsify_kwargs):
+    """Swap ``model``, compile it with ``fullgraph=True``: the output equals the masked dense model's."""
     with torch.no_grad():
         ref = model(x)
-    sk.sparsify(model)
-    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    sk.sparsify(model, **sparsify_kwargs)
+    compiled = torch.compile(model, fullgraph=True, backend=compile_backend)
     with torch.no_grad():
         out = compiled(x)
     assert_close_rel(out, ref, torch.float32)
 
 
 def test_convnet_compile_aot_eager():
-    model = convnet_masked()
-    x = torch.randn(3, 8, 11, 9)
-    with torch.no_grad():
-        ref = model(x)
-    sk.sparsify(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    with torch.no_grad():
-        out = compiled(x)
-    assert_close_rel(out, ref, torch.float32)
+    assert_swapped_compiles(convnet_masked(), torch.randn(3, 8, 11, 9), "aot_eager")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
@@ -92,42 +88,37 @@ def test_convnet_backward_through_compiled_sparse_layers(backend):
 
 
 def test_transformer_encoder_compile_fullgraph():
-    model = encoder_masked()
-    x = torch.randn(2, 5, 32)
+    assert_swapped_compiles(encoder_masked(), torch.randn(2, 5, 32), "aot_eager")
+
+
+def export_swapped(model, x, **sparsify_kwargs):
+    """Swap ``model`` and export it; the exported program's output equals the masked dense model's."""
     with torch.no_grad():
         ref = model(x)
-    sk.sparsify(model)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    sk.sparsify(model, **sparsify_kwargs)
+    exported = torch.export.export(model, (x,))
     with torch.no_grad():
-        out = compiled(x)
-    assert_close_rel(out, ref, torch.float32)
+        assert_close_rel(exported.module()(x), ref, torch.float32)
+    return exported
 
 
 def test_export_swapped_model():
-    model = convnet_masked()
-    x = torch.randn(2, 8, 9, 7)
-    with torch.no_grad():
-        ref = model(x)
-    sk.sparsify(model)
-    exported = torch.export.export(model, (x,))
+    # an explicit backend keeps the compressed state resident: the graph calls the sparse ops on it
+    exported = export_swapped(convnet_masked(), torch.randn(2, 8, 9, 7), backend="reference")
     graph = str(exported.graph)
     assert "sparsekernels.sparse24_linear" in graph and "sparsekernels.sparse24_conv2d" in graph
-    with torch.no_grad():
-        out = exported.module()(x)
-    assert_close_rel(out, ref, torch.float32)
     # the exported program carries the compressed state, not a dense weight
     assert "fc1.weight_values" in exported.state_dict and "fc1.weight" not in exported.state_dict
 
 
+def test_export_cpu_auto_carries_one_dense_copy():
+    # CPU "auto" keeps one dense weight per layer: the exported program holds it once, and nothing compressed
+    exported = export_swapped(convnet_masked(), torch.randn(2, 8, 9, 7))
+    assert "fc1.weight" in exported.state_dict and "fc1.weight_values" not in exported.state_dict
+
+
 def test_export_transformer_encoder():
-    model = encoder_masked()
-    x = torch.randn(2, 5, 32)
-    with torch.no_grad():
-        ref = model(x)
-    sk.sparsify(model)
-    exported = torch.export.export(model, (x,))
-    with torch.no_grad():
-        assert_close_rel(exported.module()(x), ref, torch.float32)
+    export_swapped(encoder_masked(), torch.randn(2, 5, 32))
 
 
 @pytest.mark.gpu
@@ -160,3 +151,26 @@ def test_cuda_graph_capture(dtype, tmp_path, monkeypatch):
         sk.densify(expected)
         assert_close_rel(static_out, expected(new_x), dtype, factor=2.0)
     dispatch.reset()
+
+
+def test_functional_op_first_called_inside_torch_compile():
+    # the kernel module is imported on the op's first call; when that call is being traced, the import runs
+    # outside the graph (a fresh process, so nothing imported it before)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, torch, sparsekernels as sk\n"
+        "w = torch.randn(8, 16); w.view(8, 4, 4)[..., 2:] = 0\n"
+        "w24 = sk.compress_24(w)\n"
+        "f = torch.compile(lambda x: sk.sparse24_linear(x, w24, backend='reference') * 2, backend='eager')\n"
+        "x = torch.randn(2, 16)\n"
+        "torch.testing.assert_close(f(x), 2 * (x @ w.T))\n"
+        "print('ok')\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from sparsekernels import __version__
-from sparsekernels.bench.timing import Timing
+from sparsekernels.timing import Timing
 from sparsekernels.ops import dispatch
+from sparsekernels.ops.cache import cached, cached_entries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +159,7 @@ def test_cache_file_layout_and_key():
         data = json.load(f)
     (env, entries), = data["environments"].items()
     assert env == dispatch.environment_key("cpu")
-    from sparsekernels.bench.environment import environment_stamp
+    from sparsekernels.environment import environment_stamp
 
     stamp = environment_stamp("cpu")
     # device name and every version that decides a timing are part of the key
@@ -327,26 +328,26 @@ def test_cached_builds_once_and_per_kind():
         builds.append(1)
         return owner.clone() * 2
 
-    a = dispatch.cached(owner, "dense", build)
-    b = dispatch.cached(owner, "dense", build)
+    a = cached(owner, "dense", (), build)
+    b = cached(owner, "dense", (), build)
     assert a is b and len(builds) == 1
-    c = dispatch.cached(owner, "other", lambda: torch.zeros(1))
-    assert c is not a and set(dispatch._cached_entries(owner)) == {"dense", "other"}
+    c = cached(owner, "other", (), lambda: torch.zeros(1))
+    assert c is not a and set(cached_entries(owner)) == {"dense", "other"}
     other_owner = owner.clone()
-    assert dispatch.cached(other_owner, "dense", build) is not a and len(builds) == 2
+    assert cached(other_owner, "dense", (), build) is not a and len(builds) == 2
 
 
 def test_cached_rebuilds_after_in_place_change():
     owner = torch.randn(3)
-    first = dispatch.cached(owner, "dense", lambda: owner.clone())
+    first = cached(owner, "dense", (), lambda: owner.clone())
     owner.add_(1.0)
-    second = dispatch.cached(owner, "dense", lambda: owner.clone())
+    second = cached(owner, "dense", (), lambda: owner.clone())
     assert second is not first and torch.equal(second, owner)
 
 
 def test_cached_dies_with_owner():
     owner = torch.randn(8)
-    value = dispatch.cached(owner, "dense", lambda: torch.randn(8))
+    value = cached(owner, "dense", (), lambda: torch.randn(8))
     ref = weakref.ref(value)
     del value, owner
     gc.collect()
@@ -356,8 +357,8 @@ def test_cached_dies_with_owner():
 def test_cached_inference_tensor():
     with torch.inference_mode():
         owner = torch.randn(3)
-    v = dispatch.cached(owner, "x", lambda: torch.ones(1))
-    assert dispatch.cached(owner, "x", lambda: torch.zeros(1)) is v
+    v = cached(owner, "x", (), lambda: torch.ones(1))
+    assert cached(owner, "x", (), lambda: torch.zeros(1)) is v
 
 
 def test_cached_rebuilds_when_data_is_replaced_without_a_version_bump():
@@ -365,36 +366,34 @@ def test_cached_rebuilds_when_data_is_replaced_without_a_version_bump():
     leave its version counter alone: the entry must still be rebuilt (data pointer, dtype, shape)."""
     lin = torch.nn.Linear(8, 4)
     owner = lin.weight
-    first = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    first = cached(owner, "dense", (), lambda: owner.detach().clone())
     version = owner._version
     lin.half()
     assert lin.weight is owner and owner._version == version  # what made the old check miss it
-    second = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    second = cached(owner, "dense", (), lambda: owner.detach().clone())
     assert second is not first and second.dtype == torch.float16 and torch.equal(second, owner.detach())
     # half -> float -> new data of the same dtype and shape: a freed buffer's address may come back,
     # but the entry keeps the data it was built from alive, so the address cannot repeat.
     lin.float()
-    third = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+    third = cached(owner, "dense", (), lambda: owner.detach().clone())
     assert third.dtype == torch.float32 and torch.equal(third, owner.detach())
     for _ in range(3):
         owner.data = torch.randn(4, 8)
-        fresh = dispatch.cached(owner, "dense", lambda: owner.detach().clone())
+        fresh = cached(owner, "dense", (), lambda: owner.detach().clone())
         assert torch.equal(fresh, owner.detach())
     owner.data = torch.randn(2, 16)  # same numel, other shape
-    assert dispatch.cached(owner, "dense", lambda: owner.detach().clone()).shape == (2, 16)
+    assert cached(owner, "dense", (), lambda: owner.detach().clone()).shape == (2, 16)
 
 
 def test_cached_follows_its_dependencies():
     owner, meta = torch.randn(4), torch.zeros(2, dtype=torch.uint8)
     build = lambda: owner.sum() + meta.sum()  # noqa: E731
-    first = dispatch.cached(owner, "v", build, depends=(meta,))
-    assert dispatch.cached(owner, "v", build, depends=(meta,)) is first
+    first = cached(owner, "v", (meta,), build)
+    assert cached(owner, "v", (meta,), build) is first
     meta.add_(1)  # only the dependency changes
-    assert float(dispatch.cached(owner, "v", build, depends=(meta,))) == pytest.approx(float(owner.sum()) + 2)
+    assert float(cached(owner, "v", (meta,), build)) == pytest.approx(float(owner.sum()) + 2)
     meta.data = torch.full((2,), 3, dtype=torch.uint8)
-    assert float(dispatch.cached(owner, "v", build, depends=(meta,))) == pytest.approx(float(owner.sum()) + 6)
-    with pytest.raises(TypeError, match="depends to hold torch.Tensors"):
-        dispatch.cached(owner, "v", build, depends=([1],))
+    assert float(cached(owner, "v", (meta,), build)) == pytest.approx(float(owner.sum()) + 6)
 
 
 def _sparse_modules():
@@ -455,25 +454,12 @@ def test_cpu_dense_copy_follows_dtype_data_and_state_dict_changes(index):
     check(torch.float32)
 
 
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (([1, 2], "dense", lambda: 0), "owner to be a torch.Tensor"),
-        ((torch.ones(1), 3, lambda: 0), "kind to be a str"),
-        ((torch.ones(1), "dense", 3), "build to be callable"),
-    ],
-)
-def test_cached_errors(args, match):
-    with pytest.raises(TypeError, match=match):
-        dispatch.cached(*args)
-
-
 # ----------------------------------------------------------------------------------------------------
 # the per-layer benchmark suite (CPU smoke run: tiny repetition counts, real files)
 
 
 def test_resnet50_conv_shapes_from_the_model():
-    from sparsekernels.bench.layers import resnet50_conv_shapes
+    from sparsekernels.benchmarks.layers import resnet50_conv_shapes
 
     shapes = resnet50_conv_shapes()
     assert len(shapes) == 22 and all(s.in_channels % 4 == 0 for s in shapes)
@@ -484,7 +470,7 @@ def test_resnet50_conv_shapes_from_the_model():
 
 
 def test_layer_suite_writes_stamped_results(tmp_path):
-    from sparsekernels.bench.layers import LayerRow, measure_layers, run_layer_suite
+    from sparsekernels.benchmarks.layers import LayerRow, measure_layers, run_layer_suite
 
     paths = run_layer_suite("cpu", suites=("bert-base",), tokens=(3,), dtype=torch.float32, out_dir=tmp_path,
                             progress=False, rep=2, rounds=1)
@@ -509,7 +495,7 @@ def test_layer_suite_writes_stamped_results(tmp_path):
 
 
 def test_layer_suite_sections_and_budget():
-    from sparsekernels.bench.layers import layer_suite_sections, measure_layers
+    from sparsekernels.benchmarks.layers import layer_suite_sections, measure_layers
 
     assert measure_layers("cpu", suites=("bert-base",), tokens=(1,), budget_s=0.0, progress=False) == []
     sections = layer_suite_sections("cpu", dtype=torch.float32, quick=True, progress=False, budget_s=0.0)
@@ -517,7 +503,7 @@ def test_layer_suite_sections_and_budget():
 
 
 def test_layer_suite_sections_shape(monkeypatch):
-    from sparsekernels.bench import layers
+    from sparsekernels.benchmarks import layers
 
     def fake_measure(device, *, suites, dtypes, **kw):
         suite = f"{suites[0]}-linear" if suites[0] != "resnet50" else "resnet50-conv"

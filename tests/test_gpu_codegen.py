@@ -48,9 +48,9 @@ def _cases(dtypes=tuple(DTYPES)):
     from sparsekernels.ops import sparse24_conv2d as C
     from sparsekernels.ops import sparse24_linear as L
 
-    lin = L._kernel()
-    conv = C._get_kernel().fn
-    block = B._get_kernel().fn
+    lin = L._sparse24_linear_kernel
+    conv = C._sparse24_conv2d_kernel
+    block = B._block_sparse_linear_kernel
     for dname in dtypes:
         ptr = DTYPES[dname]
         prec = "ieee" if dname == "fp32" else "tf32"
@@ -62,26 +62,24 @@ def _cases(dtypes=tuple(DTYPES)):
                 consts = {"HAS_BIAS": split == 1, "SPLIT_K": split, "DOT_PRECISION": prec,
                           "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
                 yield ("sparse24_linear", dname, lin, _signature(lin, ptrs, consts), consts, w, s)
-        red = L._reduce_kernel()
+        red = L._sparse24_splitk_reduce_kernel
         ptrs = {"ws_ptr": "*fp32", "bias_ptr": ptr, "y_ptr": ptr}
         consts = {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": L._REDUCE_BLOCK}
         yield ("sparse24_splitk_reduce", dname, red, _signature(red, ptrs, consts), consts, 4, 1)
         # 2:4 Conv2d: implicit GEMM (3x3) and the 1x1 GEMM path.
-        for cfg in C._autotune_configs()[:1]:
+        for bm, bn, bk, w, s in C.autotune_configs()[:1]:
             for kh, is_gemm in ((3, False), (1, True)):
                 ptrs = {"x_ptr": ptr, "vals_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "meta_ptr": "*u8"}
                 consts = {"KH": kh, "KW": kh, "IS_GEMM": is_gemm, "HAS_BIAS": True, "INPUT_PRECISION": prec,
-                          **cfg.kwargs}
-                yield ("sparse24_conv2d", dname, conv, _signature(conv, ptrs, consts), consts,
-                       cfg.num_warps, cfg.num_stages)
+                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                yield ("sparse24_conv2d", dname, conv, _signature(conv, ptrs, consts), consts, w, s)
         # Block-sparse Linear: block sizes 16 and 64.
-        for cfg in B._autotune_configs()[:1]:
+        for bm, w, s in B.autotune_configs()[:1]:
             for bs in (16, 64):
                 ptrs = {"x_ptr": ptr, "vals_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr,
                         "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32"}
-                consts = {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": prec, **cfg.kwargs}
-                yield ("block_sparse_linear", dname, block, _signature(block, ptrs, consts), consts,
-                       cfg.num_warps, cfg.num_stages)
+                consts = {"HAS_BIAS": True, "BS": bs, "INPUT_PRECISION": prec, "BLOCK_M": bm}
+                yield ("block_sparse_linear", dname, block, _signature(block, ptrs, consts), consts, w, s)
 
 
 def main() -> None:

@@ -1,26 +1,24 @@
-"""Importance criteria: im2col columns, calibration statistics, Taylor / Wanda scores, SparseGPT's OBS updates."""
+"""Importance criteria: im2col columns, calibration statistics, Taylor / Wanda scores, SparseGPT's OBS updates,
+the criterion registry."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pruning import nm_mask
+from pruning.calibration import collect_input_statistics, layer_input_columns, taylor_scores
 from pruning.importance import (
+    BNScale,
     Magnitude,
     SparseGPT,
     Taylor,
     Wanda,
-    collect_input_statistics,
-    forward_batch,
-    layer_input_columns,
     magnitude_scores,
-    move_batch,
     resolve_importance,
-    sparsegpt_prune,
-    taylor_scores,
     wanda_scores,
 )
 from pruning.patterns import pruned_count, weight_matrix
+from pruning.sparsegpt import sparsegpt_prune
 from tolerances import RTOL, assert_close_rel, rel_error
 
 
@@ -78,7 +76,9 @@ def test_statistics_match_manual_computation_for_every_batch_format():
     model = _KwModel().double()
     model.train()
     xs = [torch.randn(n, 8, dtype=torch.float64) for n in (5, 3, 7)]
-    formats = [xs, [(x,) for x in xs], [{"x": x} for x in xs], [(x, 1.0) for x in xs]]
+    # tensors, 1-tuples, keyword dicts, (inputs, targets) pairs (targets ignored), positional inputs
+    formats = [xs, [(x,) for x in xs], [{"x": x} for x in xs], [(x, torch.zeros(len(x))) for x in xs],
+               [((x, 1.0), None) for x in xs]]
     bn_before = model.bn.running_mean.clone()
     for calib in formats:
         stats = collect_input_statistics(model, {"a": model.a, "b": model.b, "unused": model.unused}, calib, hessian=True, progress=False)
@@ -113,16 +113,8 @@ def test_statistics_hooks_removed_on_error_and_errors():
         collect_input_statistics(model, {"a": model.a}, torch.randn(4, 8), progress=False)
     with pytest.raises(TypeError, match="calibration batch"):
         collect_input_statistics(model, {"a": model.a}, [3], progress=False)
-
-
-def test_batch_helpers():
-    lin = nn.Linear(3, 2)
-    x = torch.randn(4, 3)
-    assert torch.equal(forward_batch(lin, x), lin(x))
-    assert torch.equal(forward_batch(lin, [x]), lin(x))
-    assert torch.equal(forward_batch(lin, {"input": x}), lin(x))
-    moved = move_batch({"a": (x, [x]), "b": 3}, torch.device("cpu"))
-    assert torch.equal(moved["a"][1][0], x) and moved["b"] == 3
+    with pytest.raises(TypeError, match=r"calibration batch: expected \(inputs, targets\).*\(\(a, b\), targets\)"):
+        collect_input_statistics(model, {"a": model.a}, [(torch.randn(4, 8), 1.0, 2.0)], progress=False)
 
 
 def test_wanda_and_magnitude_scores():
@@ -159,7 +151,7 @@ def test_taylor_scores_sum_per_batch_abs_products_and_leave_grads_alone():
         taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: m(b[0]), progress=False)
     with pytest.raises(TypeError, match="scalar tensor, got int"):
         taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: 3, progress=False)
-    with pytest.raises(ValueError, match="without a gradient"):  # was autograd's bare RuntimeError
+    with pytest.raises(ValueError, match="without a gradient"):  # not autograd's bare RuntimeError
         taylor_scores(model, {"2": model[2].weight}, batches, lambda m, b: loss_fn(m, b).detach(), progress=False)
     assert torch.equal(model[2].weight.grad, sentinel) and not model[0].weight.requires_grad
     with pytest.raises(TypeError, match="loss_fn"):
@@ -239,6 +231,14 @@ def test_sparsegpt_errors():
 
 def test_resolve_importance_and_configs():
     assert isinstance(resolve_importance("Magnitude"), Magnitude)
+    assert resolve_importance("l2", use="channels") == Magnitude(norm=2) and Magnitude(norm=2).name == "l2"
+    assert isinstance(resolve_importance("bn_scale", use="channels"), BNScale)
+    with pytest.raises(ValueError, match="does not serve weight pruning"):
+        resolve_importance("bn_scale")
+    with pytest.raises(ValueError, match="does not serve channel pruning"):
+        resolve_importance("sparsegpt", use="channels")
+    with pytest.raises(ValueError, match="norm 1 or 2"):
+        Magnitude(norm=3)
     assert isinstance(resolve_importance("taylor"), Taylor) and resolve_importance("taylor").needs_loss
     assert isinstance(resolve_importance(Wanda), Wanda)
     crit = SparseGPT(blocksize=32, damp=0.1, dtype=torch.float32, sequential=False)

@@ -1,9 +1,15 @@
 """The layering rules, checked by parsing every module's imports (ast) and by importing the packages.
 
-* ``pruning`` never imports ``sparsekernels``;
-* ``sparsekernels`` never imports ``pruning``, except the application layer ``sparsekernels/app/`` -- and even
-  there only inside functions (lazily) -- and ``cli.py``, which imports ``app`` only inside functions;
-* ``import sparsekernels, pruning`` imports neither triton nor initialises CUDA.
+* Inside each package, layers only look down: every module has a rank (:data:`SPARSEKERNELS_RANKS`,
+  :data:`PRUNING_RANKS`) and may import only modules of a lower rank (and its own parent packages, which Python
+  runs first anyway). ``docs/architecture.md`` draws the same picture.
+* No module imports a private name (one leading underscore) from another module, imports a private module, or
+  reads a private attribute of another module of the project.
+* ``pruning`` never imports ``sparsekernels``; ``sparsekernels`` imports ``pruning`` only in its application
+  layer (``app``, ``benchmarks``), and there only inside functions (lazily).
+* ``import sparsekernels, pruning`` imports neither triton nor initialises CUDA; neither does running a sparse
+  layer on the CPU.
+* No source file is longer than :data:`MAX_LINES`.
 """
 import ast
 import os
@@ -14,6 +20,79 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+MAX_LINES = 600
+
+# Ranks: a module may import modules of strictly lower rank. The longest matching prefix gives the rank.
+SPARSEKERNELS_RANKS = {
+    "sparsekernels._version": 0,
+    "sparsekernels.timing": 1,
+    "sparsekernels.environment": 1,
+    "sparsekernels.tables": 1,
+    "sparsekernels.formats": 2,
+    "sparsekernels.formats.sparse24": 2,
+    "sparsekernels.formats.blocksparse": 3,
+    "sparsekernels.ops": 4,
+    "sparsekernels.ops.cache": 4,
+    "sparsekernels.ops.dispatch": 5,
+    "sparsekernels.ops.routing": 6,
+    "sparsekernels.ops.checks": 6,
+    "sparsekernels.ops.sparse24_linear": 7,
+    "sparsekernels.ops.blocksparse_linear": 7,
+    "sparsekernels.ops.sparse24_conv2d": 8,
+    "sparsekernels.ops.functional": 9,
+    "sparsekernels.nn.base": 10,
+    "sparsekernels.nn.walk": 10,
+    "sparsekernels.nn.sparse24_module": 11,
+    "sparsekernels.nn.linear": 12,
+    "sparsekernels.nn.conv": 12,
+    "sparsekernels.nn.blocksparse": 12,
+    "sparsekernels.nn": 13,
+    "sparsekernels.swap": 14,
+    "sparsekernels.checkpoint": 14,
+    "sparsekernels.tuning": 14,
+    "sparsekernels.examples": 15,
+    "sparsekernels.benchmarks": 16,
+    "sparsekernels.benchmarks.report": 16,
+    "sparsekernels.benchmarks.measure": 16,
+    "sparsekernels.benchmarks.kernels": 17,
+    "sparsekernels.benchmarks.models": 17,
+    "sparsekernels.benchmarks.cpu_memory": 17,
+    "sparsekernels.benchmarks.channel_latency": 17,
+    "sparsekernels.benchmarks.pruning_quality": 17,
+    "sparsekernels.benchmarks.cpu_auto": 17,
+    "sparsekernels.benchmarks.readme": 17,
+    "sparsekernels.benchmarks.layers": 18,
+    "sparsekernels.benchmarks.gpu_suite": 19,
+    "sparsekernels.benchmarks.run": 20,
+    "sparsekernels.app": 21,
+    "sparsekernels.cli": 22,
+    "sparsekernels.__main__": 23,
+}
+PRUNING_RANKS = {
+    "pruning.batches": 0,
+    "pruning.registry": 0,
+    "pruning.patterns": 0,
+    "pruning.masks": 0,
+    "pruning.sparsegpt": 0,
+    "pruning.calibration": 1,
+    "pruning.importance": 2,
+    "pruning.weights": 3,
+    "pruning.training": 4,
+    "pruning.plan": 4,
+    "pruning.sensitivity": 4,
+    "pruning.channels.tracer": 5,
+    "pruning.channels.report": 5,
+    "pruning.channels.handlers": 6,
+    "pruning.channels.attention": 6,
+    "pruning.channels.grouping": 6,
+    "pruning.channels.shape_handlers": 7,
+    "pruning.channels.graph": 8,
+    "pruning.channels.importance": 9,
+    "pruning.channels.prune": 10,
+    "pruning.channels": 11,
+    "pruning": 12,
+}
+APPLICATION_LAYER = ("sparsekernels.app", "sparsekernels.benchmarks")
 
 
 def _module_name(path: Path) -> str:
@@ -24,11 +103,10 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path):
-    """Yield ``(absolute module name, top_level)`` for every import in ``path``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+def _imports(name: str, source: str, is_package: bool = False):
+    """Yield ``(imported module or module.attr, top_level, names bound)`` for every import in ``source``."""
+    tree = ast.parse(source)
+    package = name if is_package else name.rpartition(".")[0]
     top_level_nodes = {id(n) for n in tree.body}
     # imports nested in if/try at module level still run at import time
     for node in tree.body:
@@ -38,7 +116,7 @@ def _imports(path: Path):
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield alias.name, id(node) in top_level_nodes
+                yield alias.name, id(node) in top_level_nodes, alias.asname or alias.name.partition(".")[0]
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -46,53 +124,176 @@ def _imports(path: Path):
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            yield mod, id(node) in top_level_nodes
-            for alias in node.names:  # "from . import app" imports the submodule app
-                yield f"{mod}.{alias.name}", id(node) in top_level_nodes
-
-
-def _py_files(folder: str):
-    return sorted((REPO / folder).rglob("*.py"))
+            yield mod, id(node) in top_level_nodes, None
+            for alias in node.names:  # "from . import app" imports the submodule app, or binds a name
+                yield f"{mod}.{alias.name}", id(node) in top_level_nodes, alias.asname or alias.name
 
 
 def _is(mod: str, package: str) -> bool:
     return mod == package or mod.startswith(package + ".")
 
 
-def test_parser_sees_relative_and_lazy_imports(tmp_path):
-    # the checker itself must be able to fail: a relative import resolved, a lazy one told apart
-    files = list(_imports(REPO / "sparsekernels" / "app" / "demo.py"))
-    assert ("sparsekernels.app", True) in files or ("sparsekernels.app.resolve_device", True) in files
-    assert any(m == "pruning" and not top for m, top in files)
+def _rank(mod: str, ranks: dict):
+    best = None
+    for prefix, rank in ranks.items():
+        if _is(mod, prefix) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, rank)
+    return None if best is None else best[1]
+
+
+def _project_module(mod: str) -> str:
+    """``mod`` with a trailing imported name dropped when it names a function or class, not a module."""
+    parts = mod.split(".")
+    for n in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:n])
+        path = REPO.joinpath(*parts[:n])
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            return candidate
+    return mod
+
+
+def upward_imports(name: str, source: str, ranks: dict, is_package: bool = False) -> list:
+    """Imports of ``name`` (given its ``source``) that do not look down the rank table."""
+    own = _rank(name, ranks)
+    root = next(iter(ranks)).split(".")[0]
+    bad = []
+    for mod, _, _ in _imports(name, source, is_package):
+        if not _is(mod, root):
+            continue
+        target = _project_module(mod)
+        if _is(name, target):  # its own parent packages (Python imports them first anyway)
+            continue
+        rank = _rank(target, ranks)
+        if own is None or rank is None or rank >= own:
+            bad.append((name, target, own, rank))
+    return sorted(set(bad))
+
+
+def private_uses(name: str, source: str, is_package: bool = False) -> list:
+    """Private names of other project modules that ``name`` imports or reads."""
+    bad = []
+    bound_modules = set()
+    for mod, _, bound in _imports(name, source, is_package):
+        if not (_is(mod, "sparsekernels") or _is(mod, "pruning")):
+            continue
+        parts = mod.split(".")
+        if any(p.startswith("_") and not p.startswith("__") and p != "_version" for p in parts[1:]):
+            bad.append((name, mod))
+        if bound and _project_module(mod) == mod:
+            bound_modules.add(bound)
+    for node in ast.walk(ast.parse(source)):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound_modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            bad.append((name, f"{node.value.id}.{node.attr}"))
+    return sorted(set(bad))
+
+
+def _py_files(folder: str):
+    return sorted((REPO / folder).rglob("*.py"))
+
+
+def _sources(folder: str):
+    for p in _py_files(folder):
+        yield _module_name(p), p.read_text(), p.name == "__init__.py"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the checker itself must be able to fail
+
+
+def test_checker_flags_an_upward_import():
+    assert upward_imports("sparsekernels.ops.routing", "from ..nn import SparseLinear\n", SPARSEKERNELS_RANKS)
+    assert upward_imports("sparsekernels.formats.sparse24", "from sparsekernels.ops import dispatch\n",
+                          SPARSEKERNELS_RANKS)
+    # a lazy (function-level) upward import is still upward
+    assert upward_imports("sparsekernels.ops.dispatch", "def f():\n    from ..swap import sparsify\n",
+                          SPARSEKERNELS_RANKS)
+    # peers of one rank do not import each other
+    assert upward_imports("sparsekernels.swap", "from .tuning import tune\n", SPARSEKERNELS_RANKS)
+    assert not upward_imports("sparsekernels.swap", "from .nn import SparseLinear\nimport torch\n",
+                              SPARSEKERNELS_RANKS)
+    assert not upward_imports("sparsekernels.ops.functional", "from . import checks, routing\n",
+                              SPARSEKERNELS_RANKS)
+
+
+def test_checker_flags_private_names():
+    assert private_uses("sparsekernels.nn.linear", "from ..ops.routing import _KERNELS\n")
+    assert private_uses("sparsekernels.nn.linear", "from ..ops import _backend\n")
+    assert private_uses("sparsekernels.swap", "from .ops import routing\nx = routing._KERNELS\n")
+    assert private_uses("pruning.sensitivity", "from .weights import _select_layers\n")
+    assert not private_uses("sparsekernels.checkpoint", "from ._version import __version__\nimport torch\n"
+                            "x = torch._C\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# the rules
+
+
+@pytest.mark.parametrize("folder, ranks", [("sparsekernels", SPARSEKERNELS_RANKS), ("pruning", PRUNING_RANKS)])
+def test_layers_only_look_down(folder, ranks):
+    bad = []
+    for name, source, is_package in _sources(folder):
+        if name == folder:  # the package root: lazy exports by name only
+            continue
+        assert _rank(name, ranks) is not None, f"{name} has no rank in the layering table of {folder}"
+        bad += upward_imports(name, source, ranks, is_package)
+    assert not bad, "imports that do not look down (module, imported, own rank, its rank):\n" + "\n".join(map(str, bad))
+
+
+@pytest.mark.parametrize("folder", ["sparsekernels", "pruning"])
+def test_no_private_cross_module_names(folder):
+    bad = [b for name, source, is_package in _sources(folder) for b in private_uses(name, source, is_package)]
+    assert not bad, f"private names used across modules: {bad}"
+
+
+@pytest.mark.parametrize("folder", ["sparsekernels", "pruning", "tests", "benchmarks"])
+def test_no_source_file_over_the_limit(folder):
+    long = [(str(p.relative_to(REPO)), n) for p in _py_files(folder)
+            if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_package_roots_import_nothing_eagerly():
+    for folder in ("sparsekernels", "pruning"):
+        tree = ast.parse((REPO / folder / "__init__.py").read_text())
+        eager = [m for m, top, _ in _imports(folder, (REPO / folder / "__init__.py").read_text(), True)
+                 if top and (_is(m, folder) and m not in (f"{folder}._version", f"{folder}._version.__version__"))]
+        assert not eager, f"{folder}/__init__.py imports {eager} at import time"
+        assert tree.body, folder
 
 
 def test_pruning_never_imports_sparsekernels():
-    bad = [(str(p.relative_to(REPO)), m) for p in _py_files("pruning") for m, _ in _imports(p)
+    bad = [(name, m) for name, source, pkg in _sources("pruning") for m, _, _ in _imports(name, source, pkg)
            if _is(m, "sparsekernels")]
     assert not bad, f"pruning/ must not import sparsekernels: {bad}"
 
 
-def test_sparsekernels_imports_pruning_only_in_app():
+def test_sparsekernels_imports_pruning_only_lazily_in_the_application_layer():
     bad = []
-    for p in _py_files("sparsekernels"):
-        rel = p.relative_to(REPO).as_posix()
-        in_app = rel.startswith("sparsekernels/app/")
-        for m, top in _imports(p):
+    for name, source, pkg in _sources("sparsekernels"):
+        in_app = any(_is(name, layer) for layer in APPLICATION_LAYER)
+        for m, top, _ in _imports(name, source, pkg):
             if _is(m, "pruning") and (not in_app or top):
-                bad.append((rel, m, "top level" if top else "lazy"))
-    assert not bad, f"only sparsekernels/app/ may import pruning, and only inside functions: {bad}"
+                bad.append((name, m, "top level" if top else "lazy"))
+    assert not bad, f"only {APPLICATION_LAYER} may import pruning, and only inside functions: {bad}"
 
 
-def test_cli_imports_app_lazily():
-    cli = REPO / "sparsekernels" / "cli.py"
-    eager = [m for m, top in _imports(cli) if top and (_is(m, "sparsekernels.app") or _is(m, "pruning"))]
+def test_cli_imports_the_application_layer_lazily():
+    source = (REPO / "sparsekernels" / "cli.py").read_text()
+    imports = list(_imports("sparsekernels.cli", source))
+    eager = [m for m, top, _ in imports
+             if top and any(_is(m, p) for p in (*APPLICATION_LAYER, "pruning"))]
     assert not eager, f"cli.py must import the application layer inside functions only, got {eager}"
-    assert any(_is(m, "sparsekernels.app") and not top for m, top in _imports(cli))
+    assert any(_is(m, "sparsekernels.app") and not top for m, top, _ in imports)
 
 
-def test_app_has_the_docstring_that_explains_the_exception():
-    doc = ast.get_docstring(ast.parse((REPO / "sparsekernels" / "app" / "__init__.py").read_text()))
-    assert doc and "only place" in doc and "pruning" in doc
+def _assert_runs(code: str) -> None:
+    """Run ``code`` in a fresh interpreter (nothing imported yet); it must print ok."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code + "print('ok')\n"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
 
 
 def test_importing_both_packages_is_cheap():
@@ -105,16 +306,32 @@ def test_importing_both_packages_is_cheap():
         "if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert not torch.cuda.is_initialized(), 'CUDA initialised at import'\n"
-        "print('ok')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    _assert_runs(code)
+
+
+def test_a_sparse_model_on_the_cpu_never_imports_triton():
+    # swap, run, save and load a 2:4 model on the CPU: nothing of it needs a kernel module (they import Triton)
+    code = (
+        "import sys, tempfile, os, torch\n"
+        "import sparsekernels as sk\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))\n"
+        "with torch.no_grad():\n"
+        "    for l in (m[0], m[2]):\n"
+        "        l.weight.view(l.out_features, -1, 4)[..., 2:] = 0\n"
+        "sk.sparsify(m)\n"
+        "y = m(torch.randn(3, 16))\n"
+        "path = os.path.join(tempfile.mkdtemp(), 'm.safetensors')\n"
+        "sk.save_sparse(m, path)\n"
+        "sk.load_sparse(lambda: torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)),"
+        " path)\n"
+        "assert 'triton' not in sys.modules, 'triton imported'\n"
+    )
+    _assert_runs(code)
 
 
 @pytest.mark.parametrize("folder", ["pruning", "sparsekernels"])
 def test_every_module_parses(folder):
     assert _py_files(folder), f"no modules found under {folder}"
-    for p in _py_files(folder):
-        list(_imports(p))
+    for name, source, pkg in _sources(folder):
+        list(_imports(name, source, pkg))

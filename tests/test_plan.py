@@ -9,7 +9,7 @@ from torch import nn
 
 from pruning import apply_plan, load_plan, prune_weights, remove_masks, save_plan
 from pruning.plan import PruningPlan
-from pruning.weights import masked_modules
+from pruning.masks import masked_modules
 
 
 class Model(nn.Module):

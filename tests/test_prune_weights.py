@@ -2,7 +2,6 @@
 two quality claims (digits 2:4 + fine-tune within 1 point of dense; Wanda / SparseGPT beat magnitude on a
 transformer with activation outliers)."""
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -16,13 +15,6 @@ from pruning.importance import SparseGPT
 from pruning.patterns import pruned_count, weight_matrix
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("pruning_quality_bench", ROOT / "benchmarks" / "pruning_quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class Net(nn.Module):
@@ -84,21 +76,22 @@ def test_24_every_criterion_masks_valid_and_report_complete(criterion):
         _assert_valid_24(module)
         compress_24(weight_matrix(module.weight.detach()))  # accepted by the runtime as is
     for name in ("stem", "fc3"):
-        assert pruning.weights.get_mask(model.get_submodule(name)) is None
+        assert pruning.masks.get_mask(model.get_submodule(name)) is None
     text = str(report)
     assert "fc3" in text and "skipped" in text and report.to_dict()["overall_sparsity"] == 0.5
 
 
-def test_calib_as_dicts_and_tuples_reach_forward_kwargs():
+def test_calib_as_dicts_and_positional_inputs_reach_forward_arguments():
     torch.manual_seed(0)
     base = Net()
     xs = _calib()
     results = []
-    for calib in ([(x, 2.0) for x in xs], [{"x": x, "scale": 2.0} for x in xs], [x * 2.0 for x in xs]):
+    positional = [((x, 2.0), torch.zeros(4)) for x in xs]  # (inputs, targets) with two positional inputs
+    for calib in (positional, [((x, 2.0),) for x in xs], [{"x": x, "scale": 2.0} for x in xs], [x * 2.0 for x in xs]):
         model = copy.deepcopy(base)
         prune_weights(model, "2:4", "wanda", calib=calib, progress=False)
         results.append(model.fc1.weight_mask)
-    assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
+    assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 @pytest.mark.parametrize("criterion", ["magnitude", "wanda", "sparsegpt"])
@@ -256,7 +249,7 @@ def one_thread():
 
 
 def test_digits_24_after_finetune_within_one_point_of_dense(one_thread):
-    from sparsekernels.bench.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
+    from sparsekernels.examples.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
 
     data = load_digits_data(seed=0)
     torch.manual_seed(0)
@@ -277,15 +270,16 @@ def test_digits_24_after_finetune_within_one_point_of_dense(one_thread):
 
 
 def test_transformer_wanda_and_sparsegpt_beat_magnitude_at_24(one_thread):
-    bench = _load_benchmark()
-    errors = bench.transformer_fidelity(0, calib_batches=8, test_batches=4)
+    from sparsekernels.benchmarks.pruning_quality import transformer_fidelity
+
+    errors = transformer_fidelity(0, calib_batches=8, test_batches=4)
     # measurably: each step at least 1.5x lower output error
     assert errors["wanda"] * 1.5 < errors["magnitude"], errors
     assert errors["sparsegpt"] * 1.5 < errors["wanda"], errors
 
 
 def test_attach_mask_errors_and_reattach():
-    from pruning.weights import attach_mask, get_mask
+    from pruning.masks import attach_mask, get_mask
 
     lin = nn.Linear(8, 4)
     with pytest.raises(TypeError, match="weight tensor"):
@@ -306,7 +300,7 @@ def test_pruning_does_not_import_sparsekernels():
     code = (
         "import sys, torch, pruning\n"
         "import pruning.patterns, pruning.importance, pruning.weights, pruning.training, pruning.plan\n"
-        "import pruning.sensitivity\n"
+        "import pruning.sensitivity, pruning.channels\n"
         "m = torch.nn.Sequential(torch.nn.Linear(8, 8))\n"
         "pruning.prune_weights(m, '2:4', progress=False)\n"
         "assert 'sparsekernels' not in sys.modules and 'triton' not in sys.modules\n"
@@ -357,7 +351,7 @@ def test_gpt2_conv1d_layers_and_lm_head_tied_to_embedding_are_reported_not_silen
         assert reasons[name][0] == "Conv1D" and "Conv1D" in reasons[name][1] and "not supported" in reasons[name][1]
     assert "shares its weight with 'transformer.wte' (Embedding)" in reasons["lm_head"][1]
     after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before) and not list(pruning.weights.masked_modules(model))
+    assert all(torch.equal(before[k], after[k]) for k in before) and not list(pruning.masks.masked_modules(model))
     # filter_fn also governs the unsupported-layer entries; a mapping may not name a Conv1D layer
     report = prune_weights(model, "2:4", filter_fn=lambda n, m: "mlp" in n, progress=False)
     assert [s.name for s in report.skipped if s.kind == "Conv1D"] == conv1d[2:]
@@ -380,19 +374,23 @@ def test_other_conv_kinds_reported_and_untied_head_pruned():
 
 
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
-def test_inputs_targets_batches_give_a_clear_error_and_leave_model_unchanged(criterion):
-    """A classification DataLoader yields (inputs, targets); calib tuples are positional arguments, so the
-    forward fails: the error says so and how to fix it, and the model is untouched."""
+def test_classification_loader_works_as_calib_and_bad_batches_are_explained(criterion):
+    """A classification DataLoader yields (inputs, targets): calibration uses the inputs and ignores the
+    targets, so it gives the masks of the inputs alone; a batch of three is rejected with the contract, and
+    the model is untouched."""
     from torch.utils.data import DataLoader, TensorDataset
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    twin = copy.deepcopy(model)
     before = copy.deepcopy(model.state_dict())
     loader = DataLoader(TensorDataset(torch.randn(24, 16), torch.randint(0, 4, (24,))), batch_size=8)
-    with pytest.raises(TypeError, match=r"list of 2 is passed as positional arguments.*calib=\[x for x, _ in loader\]"):
-        prune_weights(model, "2:4", criterion, calib=loader, progress=False)
+    triples = [(x, y, y) for x, y in loader]
+    with pytest.raises(TypeError, match=r"expected \(inputs, targets\) or \(inputs,\), got a tuple of 3.*dict"):
+        prune_weights(model, "2:4", criterion, calib=triples, progress=False)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
-    # inputs only: works
-    report = prune_weights(model, "2:4", criterion, calib=[x for x, _ in loader], progress=False)
+    report = prune_weights(model, "2:4", criterion, calib=loader, progress=False)
     assert report.overall_sparsity == 0.5 and len(report.layers) == 2
+    prune_weights(twin, "2:4", criterion, calib=[x for x, _ in loader], progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values()))

@@ -5,10 +5,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_readme_results_section_matches_the_result_files():
-    from sparsekernels.app.readme import update_readme
+    from sparsekernels.benchmarks.readme import update_readme
 
     changed = update_readme(ROOT / "README.md", ROOT / "benchmarks" / "results", check=True)
-    assert not changed, "README results are out of date: run `python -m sparsekernels.app.readme`"
+    assert not changed, "README results are out of date: run `python -m sparsekernels.benchmarks.readme`"
 
 
 def test_ci_runs_the_readme_test_command():

@@ -1,11 +1,12 @@
-"""Report writers (JSON + Markdown + PNG), the README generator and the GPU suite's planning and file count."""
+"""Report writers (JSON + Markdown + PNG), the README generator, the GPU suite's planning and file count, the
+measurements, and the single-purpose benchmarks on tiny sizes."""
 import json
 import math
 
 import pytest
 import torch
 
-from sparsekernels.bench.report import (
+from sparsekernels.benchmarks.report import (
     SCHEMA,
     Column,
     format_value,
@@ -98,7 +99,7 @@ def _readme(tmp_path, body="old"):
 
 
 def test_readme_section_matches_files(tmp_path):
-    from sparsekernels.app.readme import update_readme
+    from sparsekernels.benchmarks.readme import update_readme
 
     readme = _readme(tmp_path)
     root = tmp_path / "benchmarks" / "results"
@@ -140,7 +141,7 @@ def test_readme_section_matches_files(tmp_path):
 
 
 def test_readme_without_markers_is_an_error(tmp_path):
-    from sparsekernels.app.readme import update_readme
+    from sparsekernels.benchmarks.readme import update_readme
 
     p = tmp_path / "README.md"
     p.write_text("# nothing\n<!-- results:end -->\n<!-- results:start -->\n")
@@ -149,7 +150,7 @@ def test_readme_without_markers_is_an_error(tmp_path):
 
 
 def test_readme_main_check_exit_codes(tmp_path, capsys):
-    from sparsekernels.app.readme import main
+    from sparsekernels.benchmarks.readme import main
 
     readme = _readme(tmp_path)
     root = tmp_path / "res"
@@ -163,7 +164,7 @@ def test_readme_main_check_exit_codes(tmp_path, capsys):
 
 
 def _fake_step(name, planned, rows, clock, cost):
-    from sparsekernels.app.gpu_suite import GpuStep, StepOutput
+    from sparsekernels.benchmarks.gpu_suite import GpuStep, StepOutput
 
     def run(device, progress):
         clock.t += cost
@@ -183,7 +184,7 @@ class _Clock:
 
 
 def test_plan_next():
-    from sparsekernels.app.gpu_suite import GpuStep, plan_next
+    from sparsekernels.benchmarks.gpu_suite import GpuStep, plan_next
 
     step = GpuStep("s", 100.0, lambda d, p: None)
     assert plan_next(step, 0.0, 200.0) is None
@@ -192,7 +193,7 @@ def test_plan_next():
 
 
 def test_gpu_suite_respects_budget_and_file_limit(tmp_path):
-    from sparsekernels.app.gpu_suite import MAX_FILES, run_gpu_suite
+    from sparsekernels.benchmarks.gpu_suite import MAX_FILES, run_gpu_suite
 
     clock = _Clock()
     rows = [{"x": 1, "y": 2.0}, {"x": 2, "y": 3.0}]
@@ -201,7 +202,7 @@ def test_gpu_suite_respects_budget_and_file_limit(tmp_path):
     def broken(device, progress):
         raise RuntimeError("kernel exploded")
 
-    from sparsekernels.app.gpu_suite import GpuStep
+    from sparsekernels.benchmarks.gpu_suite import GpuStep
 
     steps.insert(1, GpuStep("broken", 1.0, broken))
     out = tmp_path / "gpu"
@@ -222,14 +223,14 @@ def test_gpu_suite_respects_budget_and_file_limit(tmp_path):
 
 
 def test_gpu_suite_rejects_bad_budget(tmp_path):
-    from sparsekernels.app.gpu_suite import run_gpu_suite
+    from sparsekernels.benchmarks.gpu_suite import run_gpu_suite
 
     with pytest.raises(ValueError, match="budget_s > 0"):
         run_gpu_suite(tmp_path, device="cpu", budget_s=0, steps=[])
 
 
 def test_default_gpu_plan_fits_nine_minutes():
-    from sparsekernels.app.gpu_suite import default_steps
+    from sparsekernels.benchmarks.gpu_suite import default_steps
 
     steps = default_steps()
     assert [s.name for s in steps][:2] == ["kernels_fp16", "llama"]
@@ -239,7 +240,7 @@ def test_default_gpu_plan_fits_nine_minutes():
 def test_gpu_suite_watchdog_interrupts_an_overrunning_step(tmp_path):
     import time
 
-    from sparsekernels.app.gpu_suite import GpuStep, run_gpu_suite
+    from sparsekernels.benchmarks.gpu_suite import GpuStep, run_gpu_suite
 
     def hangs(device, progress):
         end = time.monotonic() + 20
@@ -257,8 +258,8 @@ def test_gpu_suite_watchdog_interrupts_an_overrunning_step(tmp_path):
 
 
 def test_readme_renders_gpu_suite_sections(tmp_path):
-    from sparsekernels.app.gpu_suite import run_gpu_suite
-    from sparsekernels.app.readme import render_results_section
+    from sparsekernels.benchmarks.gpu_suite import run_gpu_suite
+    from sparsekernels.benchmarks.readme import render_results_section
 
     clock = _Clock()
     out = tmp_path / "benchmarks" / "results" / "nvidia-h100"
@@ -273,7 +274,7 @@ def test_readme_renders_gpu_suite_sections(tmp_path):
 
 
 def test_peak_table_and_roofline():
-    from sparsekernels.app.measure import peak_for_name, roofline_columns
+    from sparsekernels.benchmarks.measure import peak_for_name, roofline_columns
 
     assert peak_for_name("NVIDIA H100 80GB HBM3").name == "H100 SXM"
     assert peak_for_name("NVIDIA H200").tbps == 4.8
@@ -291,7 +292,7 @@ def test_peak_table_and_roofline():
 def test_count_macs_nonzero_and_stored_bytes():
     from torch import nn
 
-    from sparsekernels.app.measure import count_macs, nonzero_params, stored_bytes
+    from sparsekernels.benchmarks.measure import count_macs, nonzero_params, stored_bytes
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 3, bias=False))
@@ -310,14 +311,14 @@ def test_count_macs_nonzero_and_stored_bytes():
 
 def test_gpu_suite_real_steps_tiny_on_cpu(tmp_path, monkeypatch):
     """The real kernel-sweep and LLaMA steps, shrunk to toy sizes, through the suite's glue and writers."""
-    from sparsekernels.app import suites
-    from sparsekernels.app.gpu_suite import MAX_FILES, default_steps, run_gpu_suite
-    from sparsekernels.bench import linear24
+    from sparsekernels.benchmarks import kernels, models
+    from sparsekernels.benchmarks.gpu_suite import MAX_FILES, default_steps, run_gpu_suite
 
-    monkeypatch.setattr(linear24, "TOKENS", (1, 4))
-    monkeypatch.setattr(linear24, "LAYERS", ((64, 32),))
-    tiny = suites.SuiteSizes(1, 32, (0.3,), 1, 8, (1,), (("tiny 64->32", 64, 32),), (1, 8), 1, 1)
-    monkeypatch.setattr(suites, "suite_sizes", lambda device, quick: tiny)
+    monkeypatch.setattr(kernels, "TOKENS", (1, 4))
+    monkeypatch.setattr(kernels, "LAYERS", ((64, 32),))
+    tiny = models.SuiteSizes(models.ResNetSizes("resnet50", 1, 32, (0.3,)), models.BertSizes(1, 8, (1,)),
+                             models.LlamaSizes((("tiny 64->32", 64, 32),), (1, 8)), rounds=1, rep=1)
+    monkeypatch.setattr(models, "suite_sizes", lambda device, quick: tiny)
     steps = {s.name: s for s in default_steps()}
     result = run_gpu_suite(tmp_path, device="cpu", budget_s=300.0, steps=[steps["kernels_fp16"], steps["llama"]],
                            progress=False, stream=open("/dev/null", "w"))
@@ -329,3 +330,73 @@ def test_gpu_suite_real_steps_tiny_on_cpu(tmp_path, monkeypatch):
     kernels, llama = doc["sections"]
     assert kernels["name"] == "kernels_linear24_float16" and {r["tokens"] for r in kernels["rows"]} == {1, 4}
     assert [r["tokens"] for r in llama["rows"]] == [1, 8] and all(r["dtype"] == "fp16" for r in llama["rows"])
+
+
+def test_time_rounds_and_its_reductions():
+    from sparsekernels.benchmarks.measure import least_disturbed, median_of_rounds, middle_round, time_rounds
+    from sparsekernels.timing import Timing
+
+    calls = []
+    per = time_rounds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=0, rep=1,
+                      max_time_s=0.0)
+    assert [len(ts) for ts in per.values()] == [3, 3] and calls[:2] == ["a", "b"]  # round-robin, a before b
+    ts = [Timing(m, m - 1, m + 1, m - 2, 5) for m in (3.0, 1.0, 2.0, 9.0)]
+    assert least_disturbed(ts).median_ms == 1.0
+    assert middle_round(ts).median_ms == 3.0  # the upper middle of an even count
+    combined = median_of_rounds(ts)
+    assert (combined.median_ms, combined.p25_ms, combined.min_ms, combined.n) == (2.5, 1.5, -1.0, 20)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        time_rounds({"a": lambda: None}, rounds=0)
+
+
+def test_resident_bytes_counts_cached_values_and_storages_once():
+    from torch import nn
+
+    from sparsekernels.benchmarks.measure import add_roofline, relative_error, resident_bytes
+    from sparsekernels.ops.cache import cached
+
+    layer = nn.Linear(8, 4)  # 32 + 4 floats
+    layer.register_buffer("view_of_weight", layer.weight.detach()[:2])  # shares the weight's storage
+    assert resident_bytes(layer) == (32 + 4) * 4
+    copy = cached(layer.weight, "test_dense_copy", (), lambda: torch.zeros(3, 5))
+    assert resident_bytes(layer) == (32 + 4 + 15) * 4
+    del copy
+    rows = [{"median_ms": 1.0, "tflop_per_s": 1.0, "gb_per_s": 1.0}]
+    add_roofline(rows, "cpu")
+    assert rows[0]["roofline_pct"] is None  # no known peak on a CPU
+    assert relative_error(torch.ones(4), torch.ones(4)) == 0.0
+    assert relative_error(torch.ones(4), torch.zeros(4)) > 1e20  # a zero reference does not divide by zero
+
+
+def test_cpu_memory_tiny():
+    from sparsekernels.benchmarks.cpu_memory import MEMORY_COLUMNS, measure_cpu_memory
+
+    (row,) = measure_cpu_memory(((64, 32),), repeats=1, rounds=1, rep=1, progress=False)
+    assert row["layer"] == "64x32" and row["dense_tensor_mb"] == pytest.approx((64 * 32 + 32) * 4 / 1e6)
+    assert row["tensor_mb_ratio"] == 1.0  # the CPU keeps one weight copy: what nn.Linear keeps
+    assert row["sparse_state_dict_mb"] < row["dense_tensor_mb"]  # the state dict stays compressed
+    assert row["dense_rss_mb"] is not None and row["sparse_rss_mb"] is not None
+    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and row["ms_ratio"] > 0
+    assert all(c[0] in row for c in MEMORY_COLUMNS)
+
+
+def test_benchmark_argument_errors():
+    from sparsekernels.benchmarks.channel_latency import run_channel_latency
+    from sparsekernels.benchmarks.cpu_auto import run_cpu_auto
+    from sparsekernels.benchmarks.cpu_memory import build_layer, measure_cpu_memory
+    from sparsekernels.benchmarks.pruning_quality import run_pruning_quality
+
+    with pytest.raises(ValueError, match="kind in"):
+        build_layer("Conv2d", 8, 8)
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        build_layer("SparseLinear", 6, 8)
+    with pytest.raises(ValueError, match="repeats, rounds and rep >= 1"):
+        measure_cpu_memory(((8, 8),), repeats=0)
+    with pytest.raises(ValueError, match="only to be None, 'conv' or 'block'"):
+        run_cpu_auto(only="linear")
+    with pytest.raises(ValueError, match="threads, rounds and rep >= 1"):
+        run_cpu_auto(rounds=0)
+    with pytest.raises(ValueError, match="target > 1"):
+        run_channel_latency("cpu", target=1.0)
+    with pytest.raises(ValueError, match="threads >= 1"):
+        run_pruning_quality(threads=0)

@@ -4,15 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekernels.formats.sparse24 import Sparse24Weight, compress_24
+from conftest import spy
+from sparsekernels.formats.sparse24 import Sparse24Weight, compress_24, conv_weight_from_2d, conv_weight_to_2d
 from sparsekernels.nn.conv import SparseConv2d
-from sparsekernels.ops import sparse24_conv2d as sc
-from sparsekernels.ops.sparse24_conv2d import (
-    conv_weight_from_2d,
-    conv_weight_to_2d,
-    sparse24_conv2d,
-    sparse24_conv2d_reference,
-)
+from sparsekernels.ops import routing
+from sparsekernels.ops.functional import sparse24_conv2d
+from sparsekernels.ops.sparse24_conv2d import conv_output_size, sparse24_conv2d_reference
 from tolerances import assert_close_rel, rel_error
 
 
@@ -26,13 +23,20 @@ def masked_conv_weight(out, cin, kh, kw, dtype=torch.float32):
 
 
 @pytest.fixture
-def poisoned(monkeypatch):
+def poisoned(kernel_override):
     """Kernel outputs start as NaN, so an element the kernel forgets to write fails the test."""
 
-    def _new_output(shape, dtype, device, memory_format):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device).contiguous(memory_format=memory_format)
+    def make(real):
+        def launch(x, values, meta, bias, stride, padding, dilation, kernel_size):
+            oh, ow = (conv_output_size(x.shape[2 + a], kernel_size[a], stride[a], padding[a], dilation[a])
+                      for a in (0, 1))
+            out = torch.full((x.shape[0], values.shape[0], oh, ow), float("nan"), dtype=x.dtype, device=x.device)
+            out = out.contiguous(memory_format=routing.conv_output_format(x))
+            return real(x, values, meta, bias, stride, padding, dilation, kernel_size, out=out)
 
-    monkeypatch.setattr(sc, "_new_output", _new_output)
+        return launch
+
+    kernel_override("sparse24_conv2d", "triton", make)
 
 
 # (B, C, H, W, out, kh, kw, stride, padding, dilation, channels_last, bias)
@@ -151,7 +155,7 @@ def test_public_function_errors(monkeypatch):
         ((x.to("meta"), w24), {}, ValueError, "device"),
         ((x, w24, [0.0]), {}, TypeError, "bias to be a torch.Tensor"),
         ((x, w24, torch.zeros(5)), {}, ValueError, r"bias of shape \(6,\)"),
-        ((x, w24, torch.zeros(6, dtype=torch.float16)), {}, TypeError, "bias torch.float32"),
+        ((x, w24, torch.zeros(6, dtype=torch.float16)), {}, TypeError, "bias of the weight.s dtype torch.float32"),
         ((x, w24, None, 0), {}, ValueError, "stride >= 1"),
         ((x, w24, None, 1, -1), {}, ValueError, "padding >= 0"),
         ((x, w24, None, 1, 0, 0), {}, ValueError, "dilation >= 1"),
@@ -164,7 +168,7 @@ def test_public_function_errors(monkeypatch):
     for args, kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
             sparse24_conv2d(*args, **kwargs)
-    with pytest.raises(RuntimeError, match="cusparselt"):
+    with pytest.raises(ValueError, match="backend 'cusparselt' does not compute sparse24_conv2d"):
         sparse24_conv2d(x, w24, backend="cusparselt")
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="SPARSEKERNELS_BACKEND"):
@@ -178,14 +182,12 @@ def test_public_function_errors(monkeypatch):
         sparse24_conv2d_reference(x, None)
 
 
-def test_env_override_forces_backend(monkeypatch):
-    calls = []
-    real = sc._reference
-    monkeypatch.setattr(sc, "_reference", lambda *a: calls.append("ref") or real(*a))
+def test_env_override_forces_backend(monkeypatch, kernel_override):
+    calls = spy(kernel_override, "sparse24_conv2d", "reference")
     _, w24 = masked_conv_weight(6, 8, 3, 3)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "reference")
     sparse24_conv2d(torch.randn(1, 8, 5, 5), w24, backend="dense")
-    assert calls == ["ref"]
+    assert calls == ["reference"]
 
 
 def test_custom_op_opcheck():
@@ -340,11 +342,14 @@ def test_module_constructor_and_forward_errors():
         layer(torch.randn(1, 8, 5, 5, dtype=torch.float16))
 
 
-def test_module_exports():
-    layer = SparseConv2d.from_dense(masked_conv(8, 6, 3, padding=1, stride=2))
+@pytest.mark.parametrize("backend, op", [("reference", "sparsekernels.sparse24_conv2d.default"),
+                                         ("auto", "aten.conv2d.default")])
+def test_module_exports(backend, op):
+    # an explicit backend exports the sparse op on the compressed state; CPU "auto" the dense op on its one copy
+    layer = SparseConv2d.from_dense(masked_conv(8, 6, 3, padding=1, stride=2), backend=backend)
     x = torch.randn(2, 8, 7, 5)
     ep = torch.export.export(layer, (x,))
-    assert any(n.target == torch.ops.sparsekernels.sparse24_conv2d.default for n in ep.graph.nodes)
+    assert op in [str(n.target) for n in ep.graph.nodes]
     assert torch.equal(ep.module()(x), layer(x))
 
 

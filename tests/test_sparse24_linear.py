@@ -5,15 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from sparsekernels.formats.sparse24 import compress_24
+from sparsekernels.ops import routing
 from sparsekernels.ops import sparse24_linear as op_module
-from sparsekernels.ops._backend import resolve_backend
-from sparsekernels.ops.sparse24_linear import (
-    INTERPRETER_CONFIG,
-    _launch_triton,
-    expand_24,
-    sparse24_linear,
-    sparse24_linear_reference,
-)
+from sparsekernels.ops.cache import cached_entries
+from sparsekernels.ops.functional import sparse24_linear
+from sparsekernels.ops.sparse24_linear import INTERPRETER_CONFIG, launch_sparse24_linear, sparse24_linear_reference
 from tolerances import RTOL, assert_close_rel, rel_error
 
 BM, BN, BK = INTERPRETER_CONFIG[:3]
@@ -53,7 +49,7 @@ def test_kernel_matches_float64_reference_every_element_written(kernel_device, d
     bias = torch.randn(n, device=kernel_device).to(dtype) if has_bias else None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=kernel_device)
     workspace = torch.full((split_k, m, n), float("nan"), device=kernel_device) if split_k > 1 else None
-    y = _launch_triton(x, w24.values, w24.meta, bias, k, out=out, split_k=split_k, workspace=workspace)
+    y = launch_sparse24_linear(x, w24.values, w24.meta, bias, k, out=out, split_k=split_k, workspace=workspace)
     assert y.data_ptr() == out.data_ptr()
     assert not torch.isnan(out).any(), "an output element was left unwritten"
     if workspace is not None:
@@ -133,11 +129,6 @@ def test_cpu_backends_match_float64(backend, dtype):
     assert_close_rel(sparse24_linear(x, w24, bias, backend=backend), reference64(x, w24, bias), dtype)
 
 
-def test_expand_24_equals_to_dense():
-    w24 = random_w24(11, 36, torch.float16)
-    assert torch.equal(expand_24(w24.values, w24.meta, 36), w24.to_dense())
-
-
 def test_cpu_auto_cache_follows_in_place_updates():
     w24 = random_w24(12, 16, torch.float32)
     x = torch.randn(2, 16)
@@ -180,21 +171,24 @@ def test_dispatched_branch_runs_the_measured_choice(kernel_device, winner, monke
     x = torch.randn(5, 40, device=kernel_device)
     bias = torch.randn(24, device=kernel_device)
     ran = []
-    real_launch = op_module._launch_triton
-    monkeypatch.setattr(op_module, "_launch_triton", lambda *a, **k: ran.append("triton") or real_launch(*a, **k))
+    real_launch = op_module.launch_sparse24_linear
+    routing.register_kernel("sparse24_linear", "triton", lambda *a, **k: ran.append("triton") or real_launch(*a, **k))
     fake_ms = {"triton": 1.0, "dense": 5.0} if winner == "triton" else {"triton": 5.0, "dense": 1.0}
-    with dispatch.use_timer(lambda name, fn, device: (fn(), fake_ms[name])[1]):
+    try:
+        with dispatch.use_timer(lambda name, fn, device: (fn(), fake_ms[name])[1]):
+            ran.clear()
+            y = routing.run_dispatched("sparse24_linear", x, w24.values, w24.meta, bias, 40)
+        assert_close_rel(y, reference64(x, w24, bias), torch.float32)
+        decision = dispatch.lookup("sparse24_linear", (8, 24, 40, torch.float32, True), device=kernel_device)
+        assert decision is not None and decision.choice == winner
         ran.clear()
-        y = op_module._dispatched(x, w24.values, w24.meta, bias, 40)
-    assert_close_rel(y, reference64(x, w24, bias), torch.float32)
-    decision = dispatch.lookup("sparse24_linear", (8, 24, 40, torch.float32, True), device=kernel_device)
-    assert decision is not None and decision.choice == winner
-    ran.clear()
-    op_module._dispatched(x, w24.values, w24.meta, bias, 40)  # cache hit: runs the winner only
-    assert ran == (["triton"] if winner == "triton" else [])
-    if winner == "dense":
-        assert "sparse24_dense" in dispatch._cached_entries(w24.values)
-    dispatch.reset()
+        routing.run_dispatched("sparse24_linear", x, w24.values, w24.meta, bias, 40)  # cache hit: the winner only
+        assert ran == (["triton"] if winner == "triton" else [])
+        if winner == "dense":
+            assert "sparse24_dense" in cached_entries(w24.values)
+    finally:
+        routing.register_kernel("sparse24_linear", "triton", real_launch)
+        dispatch.reset()
 
 
 # ---------------------------------------------------------------- torch.compile / torch.library
@@ -292,7 +286,7 @@ def test_error_triton_on_cpu_without_interpreter(w24_small, monkeypatch):
     with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors.*got tensors on cpu"):
         sparse24_linear(torch.randn(2, 16), w24_small, backend="triton")
     with pytest.raises(RuntimeError, match="backend 'triton' needs CUDA tensors"):
-        resolve_backend("f()", "triton", torch.device("cpu"))
+        routing.resolve("sparse24_linear", "f()", "triton", torch.randn(2, 16))
 
 
 def test_error_cusparselt_off_cuda(w24_small):
@@ -301,7 +295,7 @@ def test_error_cusparselt_off_cuda(w24_small):
 
 
 def test_cusparselt_reason_names_the_problem():
-    reason = op_module.cusparselt_unsupported_reason(torch.device("cpu"), torch.float16, 64, 64)
+    reason = routing.cusparselt_unsupported_reason(torch.device("cpu"), torch.float16, 64, 64)
     assert reason == "needs a CUDA device, got cpu"
 
 

@@ -67,10 +67,14 @@ def test_meta_device_build_then_load_assign():
     src = SparseLinear.from_dense(masked_linear(44, 13))
     with torch.device("meta"):
         model = nn.Sequential(SparseLinear(44, 13), nn.ReLU())
-    assert model[0].weight_values.device.type == "meta"
+    assert model[0]._parameters["weight_values"].device.type == "meta"
     model.load_state_dict({f"0.{k}": v for k, v in src.state_dict().items()}, assign=True)
-    assert model[0].weight_values.device.type == "cpu" and not model[0].weight_values.requires_grad
-    assert isinstance(model[0].weight_values, nn.Parameter)
+    # loaded onto the CPU with backend "auto": the dense weight is the one resident copy
+    resident = dict(model[0].named_parameters())
+    assert set(resident) == {"weight", "bias"} and set(model[0]._buffers) == set()
+    assert isinstance(resident["weight"], nn.Parameter) and not resident["weight"].requires_grad
+    assert resident["weight"].device.type == "cpu"
+    assert set(model[0].state_dict()) == {"weight_values", "weight_meta", "bias"}
     x = torch.randn(4, 44)
     with torch.no_grad():
         torch.testing.assert_close(model(x), torch.relu(src(x)), rtol=0, atol=0)
@@ -108,13 +112,48 @@ def test_compile_fullgraph_module():
 
 
 def test_torch_export_keeps_one_custom_op_node():
-    model = nn.Sequential(SparseLinear.from_dense(masked_linear(32, 16)), nn.ReLU())
+    # an explicit backend keeps the compressed state resident: the exported graph calls the sparse op on it
+    model = nn.Sequential(SparseLinear.from_dense(masked_linear(32, 16), backend="reference"), nn.ReLU())
     x = torch.randn(3, 32)
     ep = torch.export.export(model, (x,))
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     assert targets == ["sparsekernels.sparse24_linear.default", "aten.relu.default"]
+    assert {"0.weight_values", "0.weight_meta"} <= set(ep.state_dict) and "0.weight" not in ep.state_dict
     with torch.no_grad():
         torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_torch_export_on_cpu_auto_traces_the_one_dense_copy():
+    # CPU "auto" keeps one dense weight: export sees nn.Linear's own op on it, and nothing compressed beside it
+    model = nn.Sequential(SparseLinear.from_dense(masked_linear(32, 16)), nn.ReLU())
+    x = torch.randn(3, 32)
+    ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets == ["aten.linear.default", "aten.relu.default"]
+    assert set(ep.state_dict) == {"0.weight", "0.bias"}
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), model(x), rtol=0, atol=0)
+
+
+def test_resident_form_follows_device_and_backend():
+    dense = masked_linear(24, 8)
+    sl = SparseLinear.from_dense(dense)
+    x = torch.randn(2, 24)
+    assert set(sl._parameters) == {"weight", "bias"}
+    sl.backend = "reference"  # an explicit backend needs the compressed tensors
+    assert set(sl._parameters) == {"weight_values", "bias"} and set(sl._buffers) == {"weight_meta"}
+    torch.testing.assert_close(sl(x), dense(x), rtol=0, atol=1e-6)
+    sl.backend = "auto"
+    assert set(sl._parameters) == {"weight", "bias"}
+    sl.to("meta")
+    assert sl._parameters["weight_values"].device.type == "meta"
+    sl.to_empty(device="cpu")
+    assert set(sl._parameters) == {"weight", "bias"}
+    # both forms answer .weight (dense) and .weight24 (compressed)
+    ref = SparseLinear.from_dense(dense, backend="reference")
+    torch.testing.assert_close(ref.weight, dense.weight.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(SparseLinear.from_dense(dense).weight24.to_dense(), dense.weight.detach(),
+                               rtol=0, atol=0)
 
 
 def test_check_convertible_reasons():
@@ -154,7 +193,7 @@ def test_constructor_errors():
 
 def test_forward_errors_name_the_module():
     sl = SparseLinear.from_dense(masked_linear(8, 4))
-    with pytest.raises(ValueError, match=r"SparseLinear.forward\(\): expected x of shape \[..., 8\].*got \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"sparse24_linear\(\): expected x of shape \[..., 8\].*got \(2, 4\)"):
         sl(torch.randn(2, 4))
     with pytest.raises(TypeError, match="expected x of the weight's dtype torch.float32, got torch.float16"):
         sl(torch.randn(2, 8).half())
@@ -163,7 +202,7 @@ def test_forward_errors_name_the_module():
 def test_cpu_sweep_and_design_study_write_results(tmp_path):
     import json
 
-    from sparsekernels.bench import linear24
+    from sparsekernels.benchmarks import kernels as linear24
 
     rows = linear24.run_linear24_sweep("cpu", tokens=(1, 3), layers=((32, 24),), out_dir=tmp_path, progress=False)
     assert {(r.tokens, r.backend) for r in rows} == {(1, "dense"), (1, "cpu_auto"), (3, "dense"), (3, "cpu_auto")}
@@ -184,7 +223,7 @@ def test_cpu_sweep_and_design_study_write_results(tmp_path):
 
 
 def test_sweep_argument_errors(tmp_path):
-    from sparsekernels.bench import linear24
+    from sparsekernels.benchmarks import kernels as linear24
 
     with pytest.raises(ValueError, match=r"in_features to be a multiple of 4, got layer \(30, 8\)"):
         linear24.run_linear24_sweep("cpu", layers=((30, 8),), out_dir=None, progress=False)

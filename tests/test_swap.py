@@ -444,7 +444,7 @@ def test_tune_input_kinds_and_cpu_explanation(isolated_cache, capsys):
         assert report.layers[0].decisions == ()
     printed = sk.explain(model)
     out = capsys.readouterr().out
-    assert "lin" in out and "auto on CPU" in out and "dense copy" in out
+    assert "lin" in out and "auto on CPU" in out and "one copy" in out
     assert printed.layers[0].shape == "8->4" and printed.layers[0].backend == "auto"
     with pytest.raises(TypeError, match="example_inputs"):
         sk.tune(model, [x])
@@ -468,15 +468,17 @@ def test_explain_describes_conv_and_fixed_backend():
 def test_tune_through_the_real_op(isolated_cache, kernel_device, monkeypatch):
     """SparseLinear -> sparse24_linear -> the dispatcher, end to end (on the CPU: the op's CUDA "auto"
     branch driven through Triton's interpreter; a fake timer decides)."""
-    from sparsekernels.ops import sparse24_linear as op_module
+    import dataclasses
+
+    from sparsekernels.nn.sparse24_module import Sparse24Module
+    from sparsekernels.ops import routing
 
     if kernel_device.type == "cpu":
-        # route the CPU "auto" path (eager fast path and op body) to the op's dispatched CUDA branch
-        def no_cpu_copy(*args):
-            raise RuntimeError("CPU dense copy disabled in this test")
-
-        monkeypatch.setattr(op_module, "_dense_copy", no_cpu_copy)
-        monkeypatch.setattr(op_module, "_cpu_auto", op_module._dispatched)
+        # keep the compressed state on the CPU and route CPU "auto" to the op's dispatched (GPU) branch
+        monkeypatch.setattr(Sparse24Module, "keeps_dense", lambda self, device: False)
+        route = routing.ROUTES["sparse24_linear"]
+        dispatched = dataclasses.replace(route, cpu_auto=lambda *a: routing.run_dispatched("sparse24_linear", *a))
+        monkeypatch.setitem(routing.ROUTES, "sparse24_linear", dispatched)
     model = mask_model_24(nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8))).to(kernel_device).eval()
     x = torch.randn(3, 16, device=kernel_device)
     with torch.no_grad():

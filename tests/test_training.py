@@ -46,7 +46,7 @@ def test_mask_hooks_keep_zeros_and_optimizer_state_clean():
     torch.manual_seed(0)
     model = _mlp()
     prune_weights(model, "2:4", progress=False)
-    masks = {n: m.weight_mask.clone() for n, m in pruning.weights.masked_modules(model)}
+    masks = {n: m.weight_mask.clone() for n, m in pruning.masks.masked_modules(model)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     with attach_mask_hooks(opt, model):
         _train_steps(model, opt, _data())
@@ -116,7 +116,7 @@ def test_gradual_pruner_reaches_final_sparsity_on_schedule():
         zero = model[0].weight == 0
         if previous_zero is not None:
             assert bool((zero | ~previous_zero).all()) and bool(zero[previous_zero].all()), "pruned weights came back"
-        previous_zero = zero if pruning.weights.get_mask(model[0]) is not None else None
+        previous_zero = zero if pruning.masks.get_mask(model[0]) is not None else None
     handle.remove()
     hooks.remove()
     steps = [s for s, _ in pruner.reports]

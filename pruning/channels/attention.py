@@ -1,4 +1,11 @@
-"""``nn.MultiheadAttention`` with fewer heads than its embedding width implies.
+"""Attention modules in channel pruning: how they are traced (whole heads are units), and
+``nn.MultiheadAttention`` with fewer heads than its embedding width implies.
+
+Two kinds of attention module are traced as one op (:func:`attention_kind`, :func:`record_attention`):
+Hugging Face BERT-style self-attention (``query`` / ``key`` / ``value`` Linear children,
+``attention_head_size`` and ``num_attention_heads``), whose heads become units (the q / k / v rows of a head
+and the matching input columns of the output projection go together), and ``nn.MultiheadAttention``, whose
+heads are units too but whose embedding width is kept, since PyTorch ties it to the q / k / v width.
 
 PyTorch's ``nn.MultiheadAttention`` derives ``head_dim = embed_dim // num_heads`` and requires q / k / v to be
 ``embed_dim`` wide, so removing heads needs a forward that keeps ``head_dim`` and lets the inner width
@@ -8,11 +15,15 @@ parameters keep their names and layouts (``in_proj_weight`` rows are ``[q heads 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["PrunedMultiheadAttention", "mha_supported"]
+from ..batches import iter_tensors
+from .tracer import ChannelTrace, Channels, ModuleCapture
+
+__all__ = ["PrunedMultiheadAttention", "mha_supported", "attention_kind", "record_attention"]
 
 
 def mha_supported(m: nn.MultiheadAttention) -> str | None:
@@ -96,3 +107,88 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
             if unbatched:
                 weights = weights.squeeze(0)
         return out, weights
+
+
+# ---------------------------------------------------------------- tracing
+
+
+def attention_kind(module: nn.Module) -> str | None:
+    """``"mha"`` for ``nn.MultiheadAttention``, ``"bert"`` for BERT-style self-attention, else ``None``."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    names = ("query", "key", "value")
+    if all(isinstance(getattr(module, n, None), nn.Linear) for n in names) and isinstance(
+        getattr(module, "attention_head_size", None), int
+    ) and isinstance(getattr(module, "num_attention_heads", None), int):
+        return "bert"
+    return None
+
+
+def record_attention(trace: ChannelTrace, capture: ModuleCapture, output) -> None:
+    """Record a captured attention module, now that it has returned ``output``, as one op whose units are
+    its heads."""
+    out_t = output[0] if isinstance(output, (tuple, list)) else output
+    if capture.kind == "mha":
+        _record_mha(trace, capture, output, out_t)
+    else:
+        _record_bert(trace, capture, output, out_t)
+    for t in iter_tensors(output):
+        if t is not out_t:
+            trace.set_state(t, None)
+
+
+def _head_labels(trace: ChannelTrace, name: str, heads: int, head_size: int) -> np.ndarray:
+    return np.repeat(trace.new_slots(heads, f"{name}:heads", head_size), head_size)
+
+
+def _record_bert(trace: ChannelTrace, capture: ModuleCapture, output, out_t) -> None:
+    name, module = capture.name, capture.module
+    hidden = capture.args[0] if capture.args else capture.kwargs.get("hidden_states", capture.kwargs.get("query"))
+    q, k, v = module.query, module.key, module.value
+    inputs = {id(w): x for x, w in capture.linear_calls}
+    self_attention = all(inputs.get(id(m.weight)) == id(hidden) for m in (q, k, v))
+    heads, hd = module.num_attention_heads, module.attention_head_size
+    if not self_attention or not isinstance(out_t, torch.Tensor) or out_t.shape[-1] != heads * hd:
+        trace.freeze_channels_in((capture.args, capture.kwargs), f"{name}: attention that is not plain self-attention")
+        return
+    sh = trace.state(hidden)
+    if isinstance(sh, Channels):
+        if sh.start == hidden.dim() - 1 and sh.labels.ndim == 1:
+            for m in (q, k, v):
+                trace.attach(trace.param_name(m.weight), 1, sh.labels, "in")
+        else:
+            trace.freeze(sh.labels, f"{name}: attention input channels not in the last dim")
+    labels = _head_labels(trace, name, heads, hd)
+    for m in (q, k, v):
+        trace.attach(trace.param_name(m.weight), 0, labels, "out")
+        if m.bias is not None:
+            trace.attach(trace.param_name(m.bias), 0, labels, "out")
+    trace.attention[name] = {"head_size": hd, "labels": labels, "kind": "bert"}
+    trace.set_state(out_t, Channels(out_t.dim() - 1, labels))
+
+
+def _record_mha(trace: ChannelTrace, capture: ModuleCapture, output, out_t) -> None:
+    """``nn.MultiheadAttention``: its embedding width (inputs and outputs) is kept, because PyTorch's module
+    ties it to the head layout; its heads are units (q / k / v rows and out_proj columns)."""
+    name, module = capture.name, capture.module
+    keep_reason = f"{name}: nn.MultiheadAttention keeps its embedding width (heads can be pruned)"
+    trace.freeze_channels_in((capture.args, capture.kwargs), keep_reason, False)
+    if isinstance(out_t, torch.Tensor):
+        labels = trace.new_slots(out_t.shape[-1], f"{name}:mha_out")
+        trace.freeze(labels, keep_reason, False)
+        trace.set_state(out_t, Channels(out_t.dim() - 1, labels))
+    why = mha_supported(module)
+    if why is not None:
+        trace.frozen.append(f"{name}: {why}")
+        return
+    labels = _head_labels(trace, name, module.num_heads, module.head_dim)
+    pn = trace.param_name
+    if module._qkv_same_embed_dim:
+        trace.attach(pn(module.in_proj_weight), 0, np.concatenate([labels] * 3), "out")
+    else:
+        for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight):
+            trace.attach(pn(w), 0, labels, "out")
+    if module.in_proj_bias is not None:
+        trace.attach(pn(module.in_proj_bias), 0, np.concatenate([labels] * 3), "out")
+    trace.attach(pn(module.out_proj.weight), 1, labels, "in")
+    trace.attention[name] = {"head_size": module.head_dim, "labels": labels, "kind": "mha"}

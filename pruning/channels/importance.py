@@ -1,26 +1,25 @@
 """Group importance for channel pruning, and the network-slimming regulariser.
 
-Every parameter attached to a unit contributes a per-index score (the L1 or L2 norm of its slice, the
-first-order Taylor term, or the BatchNorm scale), normalised by that parameter's mean score so that layers
-of different sizes weigh the same; a unit's importance is the mean of its parameters' contributions. Only
-weights (>= 2-D: convs, linears) and normalisation scales vote, never biases or running statistics.
+Channel pruning uses the same criteria as weight pruning (:mod:`pruning.importance`): each criterion scores
+the parameters attached to a unit, reduced to one score per channel slice
+(:meth:`pruning.importance.ScoreCriterion.channel_scores`). Each attached parameter's per-index scores are
+normalised by that parameter's mean, so layers of different sizes weigh the same; a unit's importance is
+the mean of its parameters' contributions. Only the parameters the criterion's ``channel_voters`` name
+vote: conv / linear weights (>= 2-D, never biases or running statistics) and / or normalisation scales.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .graph import DependencyGraph, normalize_inputs
+from ..batches import default_loss
+from ..importance import NORM_LAYERS, ScoreCriterion, is_norm_scale, resolve_importance
+from .graph import DependencyGraph
 
-__all__ = ["IMPORTANCES", "group_importance", "bn_scale_penalty"]
-
-IMPORTANCES = ("l1", "l2", "taylor", "bn_scale")
-
-_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+__all__ = ["group_importance", "bn_scale_penalty"]
 
 
 def bn_scale_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
@@ -45,71 +44,55 @@ def bn_scale_penalty(model: nn.Module, strength: float = 1e-4) -> torch.Tensor:
             or strength < 0:
         raise ValueError(f"bn_scale_penalty(): expected a finite strength >= 0, got {strength!r}")
     terms = [m.weight.abs().sum() for m in model.modules()
-             if isinstance(m, _NORM_TYPES) and getattr(m, "weight", None) is not None]
+             if isinstance(m, NORM_LAYERS) and getattr(m, "weight", None) is not None]
     if not terms:
         p = next(model.parameters(), None)
         return torch.zeros((), device=p.device if p is not None else "cpu")
     return strength * torch.stack(terms).sum()
 
 
-def _default_loss(model: nn.Module, batch) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor):
-        args, kwargs = normalize_inputs(batch[0], "prune_channels")
-        out = model(*args, **kwargs)
-        if not isinstance(out, torch.Tensor):
-            out = getattr(out, "logits", None)
-            if out is None:
-                raise TypeError("prune_channels(): importance='taylor' with the default loss needs a model that "
-                                "returns logits; pass loss_fn(model, batch) -> scalar")
-        return F.cross_entropy(out.reshape(-1, out.shape[-1]), batch[1].reshape(-1))
-    raise TypeError("prune_channels(): importance='taylor' with the default loss needs (inputs, targets) batches; "
-                    f"got a {type(batch).__name__}; pass loss_fn(model, batch) -> scalar")
+def _role(model: nn.Module, state: dict, pname: str, kind: str) -> str | None:
+    """``"weight"``, ``"norm_scale"`` or ``None``: how an attached parameter may vote."""
+    t = state.get(pname)
+    if t is None or not t.is_floating_point():
+        return None
+    if t.dim() >= 2 and kind in ("out", "in"):
+        return "weight"
+    if is_norm_scale(model, pname):
+        return "norm_scale"
+    return None
 
 
-def _taylor_terms(model: nn.Module, names: set, calib: Iterable, loss_fn: Callable | None, progress: bool):
-    """Per-parameter ``w * grad`` summed over the calibration batches (each batch's product kept signed per
-    element, the absolute value taken per channel later)."""
-    from tqdm.auto import tqdm
-
-    params = dict(model.named_parameters())
-    acc = {n: [] for n in names if n in params}
-    req = {n: p.requires_grad for n, p in params.items()}
-    for p in params.values():
-        p.requires_grad_(True)
-    loss_fn = loss_fn or _default_loss
-    was_training = model.training
-    model.eval()
-    n_batches = 0
-    try:
-        for batch in tqdm(calib, desc="taylor", disable=not progress, leave=False):
-            model.zero_grad(set_to_none=True)
-            loss = loss_fn(model, batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-                raise TypeError(f"prune_channels(): expected loss_fn to return a scalar tensor, got {got}")
-            if not loss.requires_grad:
-                raise ValueError("prune_channels(): expected a loss computed from the model's weights "
-                                 "(requires_grad=True), got a loss without a gradient (detached?)")
-            loss.reshape(()).backward()
-            for n in acc:
-                g = params[n].grad
-                acc[n].append((params[n].detach() * g).double() if g is not None
-                              else torch.zeros_like(params[n], dtype=torch.float64))
-            n_batches += 1
-    finally:
-        model.zero_grad(set_to_none=True)
-        for n, p in params.items():
-            p.requires_grad_(req[n])
-        model.train(was_training)
-    if n_batches == 0:
-        raise ValueError("prune_channels(): importance='taylor' got an empty calib iterable")
-    return acc
+def _unit_scores(model, graph, crit: ScoreCriterion, calib, loss_fn, progress) -> dict[int, float]:
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    voters = [(pname, a) for pname, lst in graph.attachments.items() for a in lst
+              if _role(model, state, pname, a.kind) in crit.channel_voters]
+    slices: dict[str, list[int]] = {}
+    for pname, a in voters:
+        slices.setdefault(pname, []).append(a.dim)
+    per_channel = crit.channel_scores(model, slices, calib, loss_fn, progress=progress) if slices else {}
+    total: dict[int, float] = {}
+    count: dict[int, int] = {}
+    for pname, a in voters:
+        per = per_channel.get((pname, a.dim))
+        if per is None:
+            continue
+        per = per.numpy()
+        mean = float(per.mean())
+        per = per / mean if mean > 0 else per
+        uniq, inv = np.unique(graph.root_of(a.labels), return_inverse=True)
+        sums = np.bincount(inv, weights=per, minlength=len(uniq))
+        cnts = np.bincount(inv, minlength=len(uniq))
+        for u, s, c in zip(uniq.tolist(), sums.tolist(), cnts.tolist()):
+            total[u] = total.get(u, 0.0) + s / c
+            count[u] = count.get(u, 0) + 1
+    return {u: total[u] / count[u] for u in total}
 
 
 def group_importance(
     model: nn.Module,
     graph: DependencyGraph,
-    importance: str = "l1",
+    importance="l1",
     *,
     calib: Iterable | None = None,
     loss_fn: Callable | None = None,
@@ -120,82 +103,28 @@ def group_importance(
     Args:
         model: the model the graph was built on.
         graph: its :class:`DependencyGraph`.
-        importance: ``"l1"`` / ``"l2"`` (norm of every attached weight slice), ``"taylor"`` (first-order
-            Taylor ``|sum(w * dL/dw)|`` per channel, summed over ``calib`` batches, on weights and norm
-            scales), ``"bn_scale"`` (``|gamma|`` of the attached normalisation layers; groups without one
-            fall back to ``"l1"``).
-        calib: for ``"taylor"``: an iterable of batches, ``(inputs, targets)`` for the default loss.
-        loss_fn: for ``"taylor"``: ``loss_fn(model, batch) -> scalar``; default cross-entropy.
+        importance: a scoring criterion or its registered name (``"l1"``, ``"l2"``, ``"taylor"``,
+            ``"bn_scale"``, ``"wanda"``, ...); units none of its voters reach are scored by its
+            ``channel_fallback``, if any.
+        calib: calibration batches, for criteria that need them (:mod:`pruning.batches`).
+        loss_fn: ``loss_fn(model, batch) -> scalar``, for criteria that need a loss; default
+            :func:`pruning.batches.default_loss`.
         progress: progress bar over the calibration batches.
 
     Returns:
         ``{unit root: score}``; higher means more important.
+
+    Raises:
+        TypeError / ValueError: an unknown importance, or one that does not score channels (e.g.
+            ``"sparsegpt"``, which reconstructs weights instead).
     """
-    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
-    mods = dict(model.named_modules())
-
-    def is_norm_scale(pname):
-        mod_name, _, attr = pname.rpartition(".")
-        return attr == "weight" and isinstance(mods.get(mod_name), _NORM_TYPES)
-
-    def voters(kind_filter):
-        for pname, lst in graph.attachments.items():
-            t = state.get(pname)
-            if t is None or not t.is_floating_point():
-                continue
-            for a in lst:
-                if kind_filter(pname, t, a):
-                    yield pname, t, a
-
-    weight_filter = lambda n, t, a: t.dim() >= 2 and a.kind in ("out", "in")  # noqa: E731
-    norm_filter = lambda n, t, a: is_norm_scale(n)  # noqa: E731
-
-    taylor = None
-    if importance == "taylor":
-        names = {n for n, _, _ in voters(lambda n, t, a: weight_filter(n, t, a) or norm_filter(n, t, a))}
-        taylor = _taylor_terms(model, names, calib, loss_fn, progress)
-
-    def accumulate(kind_filter, score_fn):
-        total: dict[int, float] = {}
-        count: dict[int, int] = {}
-        for pname, t, a in voters(kind_filter):
-            per = score_fn(pname, t, a)
-            if per is None:
-                continue
-            mean = float(per.mean())
-            per = per / mean if mean > 0 else per
-            roots = graph.root_of(a.labels)
-            uniq, inv = np.unique(roots, return_inverse=True)
-            sums = np.bincount(inv, weights=per, minlength=len(uniq))
-            cnts = np.bincount(inv, minlength=len(uniq))
-            for u, s, c in zip(uniq.tolist(), sums.tolist(), cnts.tolist()):
-                total[u] = total.get(u, 0.0) + s / c
-                count[u] = count.get(u, 0) + 1
-        return {u: total[u] / count[u] for u in total}
-
-    def reduce_slice(x: torch.Tensor, dim: int, how: str) -> np.ndarray:
-        x = x.detach().double().movedim(dim, 0).reshape(x.shape[dim], -1)
-        if how == "l1":
-            return x.abs().sum(1).cpu().numpy()
-        if how == "l2":
-            return x.pow(2).sum(1).sqrt().cpu().numpy()
-        return x.sum(1).abs().cpu().numpy()
-
-    def norm_score(pname, t, a):
-        if importance == "taylor":
-            return sum(reduce_slice(term, a.dim, "abs") for term in taylor[pname]) if pname in taylor else None
-        if importance == "bn_scale":
-            return t.detach().double().abs().cpu().numpy()
-        return None
-
-    if importance in ("l1", "l2"):
-        return accumulate(weight_filter, lambda n, t, a: reduce_slice(t, a.dim, importance))
-    if importance == "bn_scale":
-        scores = accumulate(weight_filter, lambda n, t, a: reduce_slice(t, a.dim, "l1"))
-        scores.update(accumulate(norm_filter, norm_score))
-        return scores
-    if importance == "taylor":
-        return accumulate(lambda n, t, a: weight_filter(n, t, a) or norm_filter(n, t, a),
-                          lambda n, t, a: (sum(reduce_slice(term, a.dim, "abs") for term in taylor[n])
-                                           if n in taylor else None))
-    raise ValueError(f"group_importance(): expected importance in {IMPORTANCES}, got {importance!r}")
+    criterion = resolve_importance(importance, use="channels")
+    if not isinstance(criterion, ScoreCriterion):
+        raise ValueError(f"group_importance(): expected a scoring importance, got {criterion.name!r}")
+    if criterion.needs_loss and loss_fn is None:
+        loss_fn = default_loss
+    scores = {}
+    if criterion.channel_fallback is not None:
+        scores = _unit_scores(model, graph, criterion.channel_fallback, calib, loss_fn, progress)
+    scores.update(_unit_scores(model, graph, criterion, calib, loss_fn, progress))
+    return scores

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
-from .graph import DependencyGraph, TraceError, _flatten_tensors, normalize_inputs, run_model
-from .importance import IMPORTANCES, group_importance
+from ..batches import call_model, check_batches, eval_mode, input_args, iter_tensors
+from ..importance import resolve_importance
+from ..training import finetune
+from .attention import PrunedMultiheadAttention
+from .graph import DependencyGraph, module_names
+from .importance import group_importance
 from .report import ChannelPruningReport, GroupReport, count_macs, count_params, layer_stats
+from .tracer import TraceError
 
 __all__ = ["prune_channels", "mask_channels", "select_units", "apply_channel_pruning"]
 
@@ -117,11 +122,16 @@ def select_units(
     return removed
 
 
+def _removed_mask(graph: DependencyGraph, removed: set) -> np.ndarray:
+    """``mask[s]``: slot ``s`` is a removed unit's root."""
+    rem = np.zeros(graph.num_slots, dtype=bool)
+    rem[list(removed)] = True
+    return rem
+
+
 def _keep_indices(graph: DependencyGraph, removed: set) -> dict:
     """``{param name: {dim: kept index array}}`` for every attached parameter that loses indices."""
-    rem = np.zeros(len(graph._roots), dtype=bool)
-    for r in removed:
-        rem[r] = True
+    rem = _removed_mask(graph, removed)
     out = {}
     for pname, lst in graph.attachments.items():
         for a in lst:
@@ -139,7 +149,8 @@ def _get_owner(model: nn.Module, name: str):
 def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set) -> dict:
     """Physically remove the units ``removed`` from ``model`` (in place; ``graph`` must be built on it) and
     update the module attributes (``out_channels``, ``groups``, ``num_features``, ``normalized_shape``,
-    ``num_attention_heads``, ...). Returns :func:`_keep_indices`' mapping."""
+    ``num_attention_heads``, ...). Returns ``{param name: {dim: kept index array}}`` for every parameter
+    that lost indices."""
     keep = _keep_indices(graph, removed)
     # every (module, attribute) holding each tensor, so tied parameters stay tied (and all get pruned)
     holders: dict[int, list] = {}
@@ -162,14 +173,13 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
                 m._parameters[a] = new
             else:
                 m._buffers[a] = new
-    rem = np.zeros(len(graph._roots), dtype=bool)
-    for r in removed:
-        rem[r] = True
+    rem = _removed_mask(graph, removed)
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.conv._ConvNd) and not m.transposed:
+            # a grouped conv loses whole groups, so the outputs per group stay as they were
+            if m.groups > 1:
+                m.groups = m.weight.shape[0] // (m.out_channels // m.groups)
             m.out_channels = m.weight.shape[0]
-            if name in graph.conv_groups:
-                m.groups = m.out_channels // graph.conv_groups[name]
             m.in_channels = m.weight.shape[1] * m.groups
         elif isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
@@ -179,9 +189,9 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
                 m.num_features = ref.shape[0]
         elif isinstance(m, nn.GroupNorm):
             if m.weight is not None:
+                # whole norm groups are removed, so the channels per group stay as they were
+                m.num_groups = m.weight.shape[0] // (m.num_channels // m.num_groups)
                 m.num_channels = m.weight.shape[0]
-            if name in graph.group_norms:
-                m.num_groups = m.num_channels // graph.group_norms[name]
         elif isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1:
             if m.weight is not None:
                 m.normalized_shape = (m.weight.shape[0],)
@@ -192,10 +202,8 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
         if name in graph.attention:
             info = graph.attention[name]
             kept = int((~rem[graph.root_of(info["labels"])]).sum()) // info["head_size"]
-            if info.get("kind") == "mha":
+            if info["kind"] == "mha":
                 if kept != m.num_heads:
-                    from .attention import PrunedMultiheadAttention
-
                     m.__class__ = PrunedMultiheadAttention  # this instance only
                     m.num_heads = kept
             else:
@@ -257,7 +265,6 @@ def _check_forward(model: nn.Module, example_inputs):
     """Run ``model`` once (eval, no grad); return ``(exception or None, innermost module name at the failure,
     output shapes)``."""
     stack: list[str] = []
-    failed: list[str] = []
     handles = []
 
     def push(name):
@@ -271,29 +278,26 @@ def _check_forward(model: nn.Module, example_inputs):
     for name, m in model.named_modules():
         handles.append(m.register_forward_pre_hook(push(name)))
         handles.append(m.register_forward_hook(pop))
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
-            out = run_model(model, example_inputs)
+        with eval_mode(model), torch.no_grad():
+            out = call_model(model, example_inputs)
         return None, None, _shapes(out)
     except Exception as e:  # any failure is reported with the module it happened in
         return e, (stack[-1] if stack else None), None
     finally:
         for h in handles:
             h.remove()
-        model.train(was)
 
 
 def _shapes(outputs) -> list:
-    return [tuple(t.shape) for t in _flatten_tensors(outputs, [])]
+    return [tuple(t.shape) for t in iter_tensors(outputs)]
 
 
 def prune_channels(
     model: nn.Module,
     example_inputs,
     ratio: float = 0.5,
-    importance: str = "l1",
+    importance="l1",
     round_to: int | None = None,
     ignore: Iterable = (),
     per_layer: Mapping[str, float] | None = None,
@@ -323,14 +327,18 @@ def prune_channels(
             keyword inputs. It decides the traced path and the MAC counts.
         ratio: fraction of each group's units (channels, heads, conv groups) to remove, in [0, 1).
             With ``steps > 1``, the total fraction after all steps.
-        importance: ``"l1"`` | ``"l2"`` | ``"taylor"`` | ``"bn_scale"`` (see :func:`group_importance`).
+        importance: ``"l1"`` | ``"l2"`` | ``"taylor"`` | ``"bn_scale"`` | ``"wanda"``, any name registered with
+            :func:`pruning.importance.register_criterion`, or a :class:`pruning.importance.ScoreCriterion`
+            (see :func:`pruning.channels.importance.group_importance`).
         round_to: keep every group's channel count a multiple of this (e.g. 8, 16, 64); ``None``: no rounding.
         ignore: modules or module names whose output channels must be kept. The model's outputs are always
             kept (so the classifier keeps its classes).
         per_layer: ``{module name: ratio}`` overriding ``ratio`` for the group containing that module's outputs.
         global_pruning: rank units across all groups instead of pruning each group by ``ratio``.
-        calib: batches for ``importance="taylor"`` (``(inputs, targets)`` for the default cross-entropy).
-        loss_fn: ``loss_fn(model, batch) -> scalar`` for Taylor importance and fine-tuning.
+        calib: batches (:mod:`pruning.batches`) for criteria that need them (``"taylor"``, ``"wanda"``).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` for Taylor importance and fine-tuning; default
+            :func:`pruning.batches.default_loss` (cross-entropy against the batch's targets, or the model's
+            own loss).
         steps: prune in this many steps, each removing the same fraction of what is left
             (``1 - (1 - ratio) ** (1 / steps)``), fine-tuning in between when ``finetune_data`` is given.
         finetune_data: batches for :func:`pruning.training.finetune` after every step.
@@ -350,17 +358,16 @@ def prune_channels(
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; wrong argument types.
         ValueError: bad ``ratio`` / ``importance`` / ``round_to`` / ``steps`` / ``per_layer`` / ``ignore``;
-            ``"taylor"`` without ``calib``.
+            a criterion that needs ``calib`` without it.
         TraceError (a ValueError): the forward pass failed while tracing (the message names the module), an
             unsupported op with ``strict=True``, or the pruned model failed its check forward pass.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"{_FN}: expected model as an nn.Module, got {type(model).__name__}")
-    normalize_inputs(example_inputs)
+    input_args(example_inputs, f"{_FN}: example_inputs")
     ratio = _check_ratio("ratio", ratio)
     _check_ratio("max_group_ratio", max_group_ratio)
-    if not isinstance(importance, str) or importance not in IMPORTANCES:
-        raise ValueError(f"{_FN}: expected importance in {IMPORTANCES}, got {importance!r}")
+    criterion = resolve_importance(importance, use="channels")
     if round_to is not None and (isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1):
         raise ValueError(f"{_FN}: expected round_to as a positive int or None, got {round_to!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -377,24 +384,15 @@ def prune_channels(
             if k not in modules:
                 raise ValueError(f"{_FN}: per_layer names {k!r}, which is not a submodule of the model")
             _check_ratio(f"per_layer[{k!r}]", v)
-    if importance == "taylor" and calib is None:
-        raise ValueError(f"{_FN}: importance='taylor' needs calib batches (e.g. a DataLoader of (inputs, targets))")
+    if criterion.needs_calibration:
+        if calib is None:
+            raise ValueError(f"{_FN}: importance={criterion.name!r} needs calib batches (e.g. a DataLoader of "
+                             "(inputs, targets))")
+        check_batches(_FN, calib)
     if finetune_kwargs is not None and not isinstance(finetune_kwargs, Mapping):
         raise TypeError(f"{_FN}: expected finetune_kwargs as a dict, got {type(finetune_kwargs).__name__}")
     # names of the ignored modules survive the deep copy
-    ignore_names = []
-    ids = {id(m): n for n, m in modules.items()}
-    for item in ignore:
-        if isinstance(item, nn.Module):
-            if id(item) not in ids:
-                raise ValueError(f"{_FN}: ignore contains a {type(item).__name__} that is not a submodule of the model")
-            ignore_names.append(ids[id(item)])
-        elif isinstance(item, str):
-            if item not in modules:
-                raise ValueError(f"{_FN}: ignore names {item!r}, which is not a submodule of the model")
-            ignore_names.append(item)
-        else:
-            raise TypeError(f"{_FN}: expected ignore items as nn.Module or str, got {type(item).__name__}")
+    ignore_names = module_names(model, ignore, _FN)
 
     try:
         macs_before, macs_b, ref_out = count_macs(model, example_inputs, return_output=True)
@@ -416,7 +414,7 @@ def prune_channels(
         for attempt in range(max_retries + 1):
             trial = copy.deepcopy(work)
             graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
-            scores = group_importance(trial, graph, importance, calib=calib, loss_fn=loss_fn, progress=progress)
+            scores = group_importance(trial, graph, criterion, calib=calib, loss_fn=loss_fn, progress=progress)
             removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
                                    round_to=round_to, max_group_ratio=max_group_ratio)
             keep = apply_channel_pruning(trial, graph, removed)
@@ -441,8 +439,6 @@ def prune_channels(
                              list(g.units)) for g in graph.groups]
         total_keep = _compose(total_keep, keep)
         if finetune_data is not None:
-            from pruning.training import finetune
-
             finetune(work, finetune_data, loss_fn, progress=progress, **dict(finetune_kwargs or {}))
 
     macs_after, macs_a = count_macs(work, example_inputs)
@@ -480,7 +476,7 @@ def prune_channels(
         groups=tuple(groups),
         kept=tuple(first_graph.frozen),
         param_keep={k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in total_keep.items()},
-        importance=importance,
+        importance=criterion.name,
         ratio=ratio,
         steps=steps,
     )

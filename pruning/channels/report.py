@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .graph import normalize_inputs
+from ..batches import call_model, eval_mode
 
 __all__ = ["LayerStats", "GroupReport", "ChannelPruningReport", "count_macs", "count_params"]
 
@@ -127,17 +127,10 @@ def count_macs(model: nn.Module, example_inputs, *, return_output: bool = False)
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    args, kwargs = normalize_inputs(example_inputs)
-    was = {n: m.training for n, m in model.named_modules()}
-    model.eval()
-    try:
-        # the pass-through function mode turns off fused fast paths (nn.MultiheadAttention's
-        # _native_multi_head_attention) whose FLOPs the counter cannot see, so every model is counted alike
-        with torch.no_grad(), _PassThrough(), FlopCounterMode(display=False) as fc:
-            output = model(*args, **kwargs)
-    finally:
-        for n, m in model.named_modules():
-            m.training = was[n]
+    # the pass-through function mode turns off fused fast paths (nn.MultiheadAttention's
+    # _native_multi_head_attention) whose FLOPs the counter cannot see, so every model is counted alike
+    with eval_mode(model), torch.no_grad(), _PassThrough(), FlopCounterMode(display=False) as fc:
+        output = call_model(model, example_inputs, "example_inputs")
     counts = fc.get_flop_counts()
     root = type(model).__name__
     leaves = {n for n, m in model.named_modules() if next(m.children(), None) is None}

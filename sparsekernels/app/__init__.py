@@ -1,20 +1,18 @@
-"""The application layer: the commands behind ``sparsekernels demo | prune | bench``.
+"""The application layer: the commands behind ``sparsekernels demo | prune``, and the CLI's helpers.
 
 Why this package exists: the library layers keep one direction of data flow -- ``pruning`` (pure PyTorch)
 never imports ``sparsekernels`` and ``sparsekernels`` never imports ``pruning``; what passes between them is
 plain tensors, masks and state dicts. An end-to-end *job* (train, prune, fine-tune, swap, time) needs both,
-so it lives here, at the top, and is the only place in ``sparsekernels`` allowed to import ``pruning``.
-Even here ``pruning`` (and torchvision, transformers, matplotlib, triton) is imported lazily inside the
-functions that use it, so ``import sparsekernels`` and ``sparsekernels --help`` stay cheap.
-``tests/test_layering.py`` checks both rules by parsing every module's imports.
+so it lives at the top: here and in :mod:`sparsekernels.benchmarks` (every benchmark, ``sparsekernels bench``)
+are the only places in ``sparsekernels`` allowed to import ``pruning``. Even there ``pruning`` (and
+torchvision, transformers, matplotlib, triton) is imported lazily inside the functions that use it, so
+``import sparsekernels`` and ``sparsekernels --help`` stay cheap. ``tests/test_layering.py`` checks both rules
+by parsing every module's imports.
 
 Modules:
-    demo       the main job on the built-in digits dataset (``sparsekernels demo``)
-    prune      prune a torchvision / user model and save it (``sparsekernels prune``)
-    bench      ``sparsekernels bench kernels|layers|models|all|gpu``
-    suites     the model suites (ResNet-50, BERT-base encoder, LLaMA-sized projections)
-    gpu_suite  one command that refreshes every important GPU number in < 9 minutes
-    readme     regenerates the README's results section from ``benchmarks/results/``
+    (this file)  the CLI helpers: UsageError, resolve_device, parse_dtype, parse_shape, load_factory
+    demo         the main job on the built-in digits dataset (``sparsekernels demo``)
+    prune        prune a torchvision / user model and save it (``sparsekernels prune``)
 """
 from __future__ import annotations
 

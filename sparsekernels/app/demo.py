@@ -1,6 +1,6 @@
 """``sparsekernels demo`` -- the main job, end to end, on the built-in digits (no download).
 
-1. Train :class:`~sparsekernels.bench.digits.DigitsCNN` on scikit-learn's handwritten digits.
+1. Train :class:`~sparsekernels.examples.digits.DigitsCNN` on scikit-learn's handwritten digits.
 2. Three pruned variants, each fine-tuned with ``pruning.finetune``:
 
    * **filters** -- ``pruning.prune_channels`` removes ``ratio`` of the channels (a physically smaller
@@ -10,7 +10,7 @@
    * **filters + 2:4** -- both, in that order.
 
 3. Each variant is swapped to the sparse runtime (``sparsekernels.sparsify``) and timed against the dense
-   model at the same batch, in interleaved rounds (:func:`~sparsekernels.app.measure.time_interleaved`).
+   model at the same batch, in interleaved rounds (:func:`~sparsekernels.benchmarks.measure.time_interleaved`).
 4. The table -- accuracy, non-zero parameters, effective MACs, stored weight bytes, latency median and IQR,
    speedup over dense -- is printed and written as JSON + Markdown with a PNG plot.
 """
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..benchmarks.measure import latency_columns
 from . import resolve_device
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "DEMO_COLUMNS"]
@@ -89,14 +90,8 @@ class DemoResult:
 
 
 DEMO_COLUMNS = (
-    ("variant", "model"),
-    ("accuracy", "accuracy (%)", ".2f"),
-    ("params", "non-zero params", ",d"),
-    ("macs", "MACs / image", ",d"),
-    ("weight_bytes", "weight bytes", ",d"),
-    ("latency_ms", "latency (ms)", ".2f"),
-    ("iqr_ms", "± IQR (ms)", ".2f"),
-    ("speedup", "speedup vs dense", ".2f"),
+    ("variant", "model"), ("accuracy", "accuracy (%)", ".2f"), ("params", "non-zero params", ",d"),
+    ("macs", "MACs / image", ",d"), ("weight_bytes", "weight bytes", ",d"), *latency_columns(fmt=".2f"),
     ("swapped", "sparse layers"),
 )
 
@@ -115,8 +110,7 @@ def _finetune(model: nn.Module, data, *, epochs: int, lr: float, seed: int, prog
 def _prune_filters(model: nn.Module, ratio: float, example: torch.Tensor) -> nn.Module:
     import pruning
 
-    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1")
-    return result[0] if isinstance(result, tuple) else result
+    return pruning.prune_channels(model, example, ratio=ratio, importance="l1")
 
 
 def _prune_24(model: nn.Module, data, *, epochs: int, lr: float, seed: int, progress: bool, teacher: nn.Module):
@@ -206,10 +200,10 @@ def run_demo(
     """
     from tqdm.auto import tqdm
 
-    from ..bench.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
-    from ..bench.environment import environment_stamp
-    from ..bench.report import markdown_table, results_dir, write_report
-    from .measure import count_macs, cpu_timing_threads, nonzero_params, stored_bytes, time_interleaved
+    from ..benchmarks.measure import count_macs, cpu_timing_threads, nonzero_params, stored_bytes, time_interleaved
+    from ..benchmarks.report import markdown_table, results_dir, write_report
+    from ..environment import environment_stamp
+    from ..examples.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
 
     if not isinstance(config, DemoConfig):
         raise TypeError(f"run_demo(): expected a DemoConfig, got {type(config).__name__}")
@@ -325,7 +319,7 @@ def run_demo(
         "magnitude). Accuracy is measured on the held-out digits after the swap to the sparse runtime "
         "(sparsekernels.sparsify). MACs are PyTorch flop_counter MACs times each layer's weight density; "
         "weight bytes are the swapped model's state_dict (compressed 2:4 values + metadata, BatchNorm). "
-        f"Latency: median of {config.rounds} interleaved rounds of sparsekernels.bench.timing.time_fn on "
+        f"Latency: median of {config.rounds} interleaved rounds of sparsekernels.timing.time_fn on "
         f"{device}" + (f" with {timing_threads} thread(s)" if device.type == "cpu" else "")
         + f". The whole demo took {seconds:.0f} s."
     )

@@ -139,7 +139,7 @@ def _layer_shapes(model: nn.Module) -> dict:
 
 
 def _summary(model: nn.Module, example: torch.Tensor) -> dict:
-    from .measure import count_macs, nonzero_params
+    from ..benchmarks.measure import count_macs, nonzero_params
 
     macs = count_macs(model, example)
     return {
@@ -196,7 +196,7 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
     import pruning
     from safetensors.torch import save_file
 
-    from ..bench.report import markdown_table
+    from ..benchmarks.report import markdown_table
 
     stream = stream or sys.stdout
     out = Path(out)
@@ -215,9 +215,8 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
 
     try:
         if pattern == "channels":
-            result = pruning.prune_channels(model, example, ratio=ratio, importance=importance,
+            pruned = pruning.prune_channels(model, example, ratio=ratio, importance=importance,
                                             round_to=config.round_to)
-            pruned = result[0] if isinstance(result, tuple) else result
             report = None
         else:
             calib = None

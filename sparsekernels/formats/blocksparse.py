@@ -19,14 +19,15 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSparseWeight", "compress_blocks", "block_sparsity", "BLOCK_SIZES", "SUPPORTED_DTYPES"]
+__all__ = ["BlockSparseWeight", "compress_blocks", "block_sparsity", "cdiv", "BLOCK_SIZES", "INDEX_DTYPE", "SUPPORTED_DTYPES"]
 
 BLOCK_SIZES = (16, 32, 64)
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPE = torch.int32
 
 
-def _cdiv(a: int, b: int) -> int:
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ints."""
     return -(-a // b)
 
 
@@ -54,7 +55,7 @@ def _check_weight(fn: str, weight) -> None:
 def _blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     """Zero-pad ``weight`` to whole blocks and view it as ``[n_block_rows, n_block_cols, bs, bs]``."""
     out, k = weight.shape
-    nbr, nbc = _cdiv(out, block_size), _cdiv(k, block_size)
+    nbr, nbc = cdiv(out, block_size), cdiv(k, block_size)
     padded = torch.nn.functional.pad(weight, (0, nbc * block_size - k, 0, nbr * block_size - out))
     return padded.reshape(nbr, block_size, nbc, block_size).permute(0, 2, 1, 3)
 
@@ -102,9 +103,9 @@ class BlockSparseWeight:
         if self.values.dim() != 3 or tuple(self.values.shape[1:]) != (bs, bs):
             raise ValueError(f"{fn}: expected values of shape [nnz_blocks, {bs}, {bs}], got {tuple(self.values.shape)}")
         nnz = self.values.shape[0]
-        if self.row_ptr.dtype != INDEX_DTYPE or tuple(self.row_ptr.shape) != (_cdiv(out, bs) + 1,):
+        if self.row_ptr.dtype != INDEX_DTYPE or tuple(self.row_ptr.shape) != (cdiv(out, bs) + 1,):
             raise ValueError(
-                f"{fn}: expected int32 row_ptr of shape ({_cdiv(out, bs) + 1},), "
+                f"{fn}: expected int32 row_ptr of shape ({cdiv(out, bs) + 1},), "
                 f"got {self.row_ptr.dtype} {tuple(self.row_ptr.shape)}"
             )
         if self.col_idx.dtype != INDEX_DTYPE or tuple(self.col_idx.shape) != (nnz,):
@@ -132,7 +133,7 @@ class BlockSparseWeight:
     @property
     def grid(self) -> tuple[int, int]:
         """Number of block rows and block columns ``(ceil(out / bs), ceil(in / bs))``."""
-        return _cdiv(self.shape[0], self.block_size), _cdiv(self.shape[1], self.block_size)
+        return cdiv(self.shape[0], self.block_size), cdiv(self.shape[1], self.block_size)
 
     @property
     def density(self) -> float:

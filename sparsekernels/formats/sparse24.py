@@ -24,7 +24,7 @@ import torch
 
 __all__ = [
     "Sparse24Weight", "compress_24", "is_24_sparse", "first_non24_group", "SUPPORTED_DTYPES", "pack_indices",
-    "unpack_indices",
+    "unpack_indices", "conv_weight_to_2d", "conv_weight_from_2d", "require_24_sparse",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,22 +53,42 @@ def _group_nonzeros(weight: torch.Tensor) -> torch.Tensor:
     return (weight != 0).reshape(out, k // 4, 4)
 
 
+# Rows checked per step by first_non24_group: its temporaries (a bool and a count per element) stay a few MB
+# instead of 1.6x the weight, so checking a large layer does not leave the allocator holding freed memory.
+_CHECK_ELEMENTS = 1 << 20
+
+
 def first_non24_group(weight: torch.Tensor) -> Optional[tuple[int, int, int]]:
     """The first group of 4 (row-major) of a 2-D ``weight`` (``in`` a multiple of 4) holding more than 2
     non-zeros, as ``(row, group, count)``; None when ``weight`` is 2:4 sparse."""
-    counts = _group_nonzeros(weight.detach()).sum(-1)  # [out, G]
-    bad = torch.nonzero((counts > 2).reshape(-1))
-    if bad.numel() == 0:
-        return None
-    row, group = divmod(int(bad[0]), counts.shape[1])
-    return row, group, int(counts[row, group])
+    weight = weight.detach()
+    step = max(1, _CHECK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], step):
+        counts = _group_nonzeros(weight[start:start + step]).sum(-1, dtype=torch.int8)  # [rows, G]
+        bad = torch.nonzero((counts > 2).reshape(-1))
+        if bad.numel():
+            row, group = divmod(int(bad[0]), counts.shape[1])
+            return start + row, group, int(counts[row, group])
+    return None
 
 
 def is_24_sparse(weight: torch.Tensor) -> bool:
     """True if ``weight`` (2-D, last dim a multiple of 4) has at most 2 non-zeros in every group of 4."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] % 4 != 0:
         return False
-    return bool((_group_nonzeros(weight).sum(-1) <= 2).all())
+    return first_non24_group(weight) is None
+
+
+def require_24_sparse(fn: str, weight: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the first group of 4 of the 2-D ``weight`` with more than 2 non-zeros."""
+    bad = first_non24_group(weight)
+    if bad is not None:
+        row, group, count = bad
+        raise ValueError(
+            f"{fn}: expected a 2-D weight whose every group of 4 along the input dimension has at most 2 "
+            f"non-zeros; row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
+            f"{count}. Prune it first, e.g. with pruning.nm_mask(scores, 2, 4)."
+        )
 
 
 def pack_indices(idx: torch.Tensor) -> torch.Tensor:
@@ -186,14 +206,7 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
         )
     weight = weight.detach()
     out, k = weight.shape
-    bad = first_non24_group(weight)
-    if bad is not None:
-        row, group, count = bad
-        raise ValueError(
-            f"{fn}: expected a 2-D weight whose every group of 4 along the input dimension has at most 2 "
-            f"non-zeros; row {row}, group {group} (columns {4 * group}..{4 * group + 3}) has "
-            f"{count}. Prune it first, e.g. with pruning.nm_mask(scores, 2, 4)."
-        )
+    require_24_sparse(fn, weight)
     nz = _group_nonzeros(weight)  # [out, G, 4]
     # Choose two positions per group: every non-zero first, then the lowest free positions.
     pos = torch.arange(4, device=weight.device)
@@ -202,3 +215,18 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
     values = weight.reshape(out, k // 4, 4).gather(-1, idx).reshape(out, k // 2).contiguous()
     meta = pack_indices(idx)
     return Sparse24Weight(values, meta, (out, k))
+
+
+def conv_weight_to_2d(weight: torch.Tensor) -> torch.Tensor:
+    """``[out, in, kh, kw]`` -> ``[out, kh * kw * in]`` (channels-last order: 2:4 groups run along ``in``)."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
+
+
+def conv_weight_from_2d(weight2d: torch.Tensor, in_channels: int, kernel_size: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`conv_weight_to_2d`: ``[out, kh * kw * in]`` -> contiguous ``[out, in, kh, kw]``."""
+    kh, kw = kernel_size
+    # clone(contiguous_format), not .contiguous(): a permuted 1x1 weight already counts as contiguous but
+    # keeps channels-last strides, which would make F.conv2d pick (and return) channels-last.
+    return weight2d.reshape(weight2d.shape[0], kh, kw, in_channels).permute(0, 3, 1, 2).clone(
+        memory_format=torch.contiguous_format
+    )

@@ -7,10 +7,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, _cdiv, block_sparsity, compress_blocks
-from ..ops._backend import check_backend
-from ..ops.blocksparse_linear import block_sparse_linear_tensors
-from ._common import check_dtype, converted, dense_linear, dtype_reason, register_bias
+from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, block_sparsity, cdiv, compress_blocks
+from ..ops.functional import block_sparse_linear
+from .base import SparseModule, check_dtype, check_size, copy_into, dtype_reason, register_bias, register_sparse_module
 
 __all__ = ["BlockSparseLinear"]
 
@@ -21,7 +20,8 @@ def _check_min_block_sparsity(fn: str, v) -> float:
     return float(v)
 
 
-class BlockSparseLinear(nn.Module):
+@register_sparse_module
+class BlockSparseLinear(SparseModule):
     """``y = x @ W.T + bias`` with ``W`` ``[out, in]`` stored as its non-zero ``bs x bs`` blocks (inference only).
 
     State (all that ``state_dict`` holds; layout in :mod:`sparsekernels.formats.blocksparse`):
@@ -53,6 +53,13 @@ class BlockSparseLinear(nn.Module):
         TypeError: unsupported dtype.
     """
 
+    pattern = "block"
+    dense_type = nn.Linear
+    options = ("block_size", "min_block_sparsity")
+    op_name = "block_sparse_linear"
+    cpu_note = ("the block-sparse reference when >= 16 rows and <= 12.5 % of blocks are kept, else F.linear on "
+                "a dense copy cached per weight (see docs/conv-and-block.md)")
+
     def __init__(
         self,
         in_features: int,
@@ -65,21 +72,19 @@ class BlockSparseLinear(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         fn = "BlockSparseLinear()"
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{fn}: expected {name} >= 1, got {v!r}")
+        check_size(fn, "in_features", in_features)
+        check_size(fn, "out_features", out_features)
         if isinstance(block_size, bool) or block_size not in BLOCK_SIZES:
             raise ValueError(f"{fn}: expected block_size in {BLOCK_SIZES}, got {block_size!r}")
-        nbr, nbc = _cdiv(out_features, block_size), _cdiv(in_features, block_size)
+        nbr, nbc = cdiv(out_features, block_size), cdiv(in_features, block_size)
         if isinstance(nnz_blocks, bool) or not isinstance(nnz_blocks, int) or not 0 <= nnz_blocks <= nbr * nbc:
             raise ValueError(f"{fn}: expected nnz_blocks in [0, {nbr * nbc}] for this shape and block size, got {nnz_blocks!r}")
         dtype = check_dtype(fn, dtype)
         self.in_features = in_features
         self.out_features = out_features
         self.block_size = block_size
-        self.backend = check_backend(fn, backend)
         self.block_values = nn.Parameter(
             torch.zeros(nnz_blocks, block_size, block_size, device=device, dtype=dtype), requires_grad=False
         )
@@ -90,6 +95,7 @@ class BlockSparseLinear(nn.Module):
         self.register_buffer("block_row_ptr", torch.tensor(row_ptr, dtype=INDEX_DTYPE, device=device))
         self.register_buffer("block_col_idx", torch.tensor(col_idx, dtype=INDEX_DTYPE, device=device))
         register_bias(self, bias, out_features, device, dtype)
+        self.prepare_op()
 
     @property
     def nnz_blocks(self) -> int:
@@ -166,9 +172,17 @@ class BlockSparseLinear(nn.Module):
         if reason is not None:
             raise ValueError(f"BlockSparseLinear.from_dense(): cannot convert {linear!r}: {reason}")
         bs, _ = cls._choose_block_size(linear, block_size, min_block_sparsity)
-        wb = compress_blocks(linear.weight, bs)
-        state = {"block_values": wb.values, "block_row_ptr": wb.row_ptr, "block_col_idx": wb.col_idx}
-        return converted(cls, linear, state, linear.in_features, linear.out_features, wb.nnz_blocks, bs, backend=backend)
+        wb = compress_blocks(linear.weight.detach(), bs)
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, wb.nnz_blocks, bs, bias=linear.bias is not None,
+                    backend=backend, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            layer.block_values.copy_(wb.values)
+            layer.block_row_ptr.copy_(wb.row_ptr)
+            layer.block_col_idx.copy_(wb.col_idx)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias.detach())
+        return layer
 
     @property
     def weight_blocks(self) -> BlockSparseWeight:
@@ -181,28 +195,33 @@ class BlockSparseLinear(nn.Module):
             self.block_size,
         )
 
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return self.block_values.dtype
+
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with exactly this layer's weights, on the same device and dtype."""
-        return dense_linear(self, self.weight_blocks.to_dense())
+        weight = self.weight_blocks.to_dense()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        return copy_into(linear, weight, self.bias)
+
+    def constructor_args(self) -> dict:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "nnz_blocks": self.nnz_blocks,
+            "block_size": self.block_size,
+            "bias": self.bias is not None,
+        }
 
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # State read straight from the module's dicts: nn.Module.__getattr__ costs ~1.4 us per name, and
-        # this layer's CPU "auto" path is one F.linear (measured in ops.blocksparse_linear).
-        fn = "BlockSparseLinear.forward()"
-        params, buffers = self._parameters, self._buffers
-        values = params["block_values"]
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{fn}: expected input of shape [..., {self.in_features}], got {tuple(x.shape)}")
-        if x.dtype != values.dtype:
-            raise TypeError(f"{fn}: expected input of dtype {values.dtype}, got {x.dtype}")
-        return block_sparse_linear_tensors(
-            x, values, buffers["block_row_ptr"], buffers["block_col_idx"], params["bias"], self.out_features, self.backend
-        )
+        return block_sparse_linear(x, self.weight_blocks, self._parameters["bias"], backend=self.backend)
 
     def extra_repr(self) -> str:
-        nbr, nbc = _cdiv(self.out_features, self.block_size), _cdiv(self.in_features, self.block_size)
+        nbr, nbc = cdiv(self.out_features, self.block_size), cdiv(self.in_features, self.block_size)
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"block_size={self.block_size}, nnz_blocks={self.nnz_blocks}/{nbr * nbc}, backend={self.backend!r}"

@@ -4,19 +4,15 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..formats.sparse24 import Sparse24Weight, compress_24, first_non24_group
-from ..ops._backend import check_backend, cpu_fast_path_applies
-from ..ops.sparse24_conv2d import (
-    IntPair,
-    _cpu_auto,
-    _pair,
-    _sparse24_conv2d_op,
-    conv_weight_from_2d,
-    conv_weight_to_2d,
-)
-from ._common import check_dtype, converted, dense_twin, dtype_reason, register_24_state
+from ..formats.sparse24 import conv_weight_from_2d, conv_weight_to_2d, first_non24_group
+from ..ops import routing
+from ..ops.checks import IntPair, pair
+from ..ops.functional import sparse24_conv2d
+from .base import check_dtype, check_size, copy_into, dtype_reason, register_sparse_module
+from .sparse24_module import Sparse24Module
 
 __all__ = ["SparseConv2d"]
 
@@ -37,25 +33,24 @@ def _numeric_padding(conv: nn.Conv2d) -> Union[tuple[int, int], str]:
     return tuple(int(p) for p in padding)
 
 
-class SparseConv2d(nn.Module):
-    """2-D convolution (groups = 1, zero padding) with a 2:4-compressed weight (inference only).
+@register_sparse_module
+class SparseConv2d(Sparse24Module):
+    """2-D convolution (groups = 1, zero padding) with a 2:4 sparse weight (inference only).
 
     The weight ``[out, in, kh, kw]`` is stored as :func:`~sparsekernels.compress_24` of its channels-last
     view ``[out, kh * kw * in]``: at every kernel position, every group of 4 consecutive input channels
     keeps at most 2 values.
 
-    State (all that ``state_dict`` holds):
+    State dict (on every device): ``weight_values`` ``[out, kh * kw * in / 2]``, ``weight_meta``
+    ``uint8 [out, ceil(kh * kw * in / 8)]`` and ``bias`` ``[out]`` or None. In memory: the compressed tensors on
+    a GPU, the dense ``weight`` ``[out, in, kh, kw]`` on the CPU (one copy, see
+    :mod:`sparsekernels.nn.sparse24_module`).
 
-    * ``weight_values``: ``nn.Parameter`` ``[out, kh * kw * in / 2]`` (``requires_grad=False``);
-    * ``weight_meta``: ``uint8`` buffer ``[out, ceil(kh * kw * in / 8)]``, packed positions;
-    * ``bias``: ``nn.Parameter`` ``[out]`` (``requires_grad=False``) or ``None``.
-
-    The constructor builds correctly shaped state (zeros) on any device, the meta device included, so a
+    The constructor builds correctly shaped zero state on any device, the meta device included, so a
     compressed checkpoint can be loaded with ``load_state_dict(state, assign=True)``.
 
-    ``backend="auto"``: on the CPU, ``F.conv2d`` on a dense copy of the weight expanded once and cached
-    beside the compressed tensors (not in the state_dict); on CUDA, the dispatcher's measured choice of
-    the Triton implicit-GEMM kernel or cuDNN. The output is channels-last when the input is.
+    ``backend="auto"``: on the CPU, ``F.conv2d`` on the resident dense weight; on CUDA, the dispatcher's
+    measured choice of the Triton implicit-GEMM kernel or cuDNN. The output is channels-last when the input is.
 
     Args:
         in_channels: input channels, a positive multiple of 4.
@@ -73,6 +68,9 @@ class SparseConv2d(nn.Module):
         TypeError: non-integer sizes, unsupported dtype.
     """
 
+    dense_type = nn.Conv2d
+    op_name = "sparse24_conv2d"
+
     def __init__(
         self,
         in_channels: int,
@@ -87,29 +85,32 @@ class SparseConv2d(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         fn = "SparseConv2d()"
-        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 4 or in_channels % 4:
-            raise ValueError(f"{fn}: expected in_channels to be a positive multiple of 4, got {in_channels!r}")
-        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
-            raise ValueError(f"{fn}: expected out_channels >= 1, got {out_channels!r}")
-        self.kernel_size = _pair(fn, "kernel_size", kernel_size, 1)
-        self.stride = _pair(fn, "stride", stride, 1)
-        self.padding = _pair(fn, "padding", padding, 0)
-        self.dilation = _pair(fn, "dilation", dilation, 1)
+        check_size(fn, "in_channels", in_channels, 4, multiple=4)
+        check_size(fn, "out_channels", out_channels)
+        self.kernel_size = pair(fn, "kernel_size", kernel_size, 1)
+        self.stride = pair(fn, "stride", stride, 1)
+        self.padding = pair(fn, "padding", padding, 0)
+        self.dilation = pair(fn, "dilation", dilation, 1)
         dtype = check_dtype(fn, dtype)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.groups = 1
         self.padding_mode = "zeros"
-        self.backend = check_backend(fn, backend)
         k = self.kernel_size[0] * self.kernel_size[1] * in_channels
-        register_24_state(self, out_channels, k, bias, device, dtype)
+        self.init_24_state(out_channels, k, bias, device, dtype)
+
+    def weight_to_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return conv_weight_to_2d(weight)
+
+    def weight_from_2d(self, weight2d: torch.Tensor) -> torch.Tensor:
+        return conv_weight_from_2d(weight2d, self.in_channels, self.kernel_size)
 
     # -- conversion ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def check_convertible(conv: nn.Module) -> Optional[str]:
+    @classmethod
+    def check_convertible(cls, conv: nn.Module) -> Optional[str]:
         """``None`` if :meth:`from_dense` can convert ``conv``, else the reason in words."""
         if not isinstance(conv, nn.Conv2d):
             return f"not an nn.Conv2d (got {type(conv).__name__})"
@@ -152,38 +153,31 @@ class SparseConv2d(nn.Module):
         reason = cls.check_convertible(conv)
         if reason is not None:
             raise ValueError(f"SparseConv2d.from_dense(): cannot convert {conv!r}: {reason}")
-        w24 = compress_24(conv_weight_to_2d(conv.weight.detach()))
-        return converted(
-            cls, conv, {"weight_values": w24.values, "weight_meta": w24.meta},
-            conv.in_channels, conv.out_channels, tuple(conv.kernel_size),
-            stride=tuple(conv.stride), padding=_numeric_padding(conv), dilation=tuple(conv.dilation), backend=backend,
-        )
-
-    @property
-    def weight24(self) -> Sparse24Weight:
-        """The compressed ``[out, kh * kw * in]`` weight (shares storage with the module)."""
-        k = self.kernel_size[0] * self.kernel_size[1] * self.in_channels
-        return Sparse24Weight(self.weight_values.detach(), self.weight_meta, (self.out_channels, k))
-
-    def dense_weight(self) -> torch.Tensor:
-        """The dense ``[out, in, kh, kw]`` weight (contiguous, a new tensor)."""
-        return conv_weight_from_2d(self.weight24.to_dense(), self.in_channels, self.kernel_size)
+        w = conv.weight
+        layer = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride=tuple(conv.stride),
+                    padding=_numeric_padding(conv), dilation=tuple(conv.dilation), bias=conv.bias is not None,
+                    backend=backend, device=w.device, dtype=w.dtype)
+        layer.load_weight(w.detach(), conv.bias)
+        return layer
 
     def to_dense(self) -> nn.Conv2d:
         """An ``nn.Conv2d`` with exactly this layer's weights and geometry, on the same device and dtype."""
-        values = self.weight_values
-        conv = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            device=values.device,
-            dtype=values.dtype,
-        )
-        return dense_twin(self, conv, self.dense_weight())
+        weight = self.dense_weight()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                         padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
+                         device=weight.device, dtype=weight.dtype)
+        return copy_into(conv, weight, self.bias)
+
+    def constructor_args(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "dilation": list(self.dilation),
+            "bias": self.bias is not None,
+        }
 
     # -- forward ------------------------------------------------------------------------------------
 
@@ -191,34 +185,26 @@ class SparseConv2d(nn.Module):
         if x.dim() == 3 and x.shape[0] == self.in_channels:
             # unbatched [C, H, W], as nn.Conv2d accepts it: run as a batch of one, return [out, OH, OW]
             return self.forward(x.unsqueeze(0)).squeeze(0)
-        # Eager CPU "auto": F.conv2d on the cached dense copy, without the custom op (~20 us per call) or
-        # nn.Module.__getattr__ (~1.4 us per name): 0.99x of nn.Conv2d on ResNet-50's 56x56 shapes (was
-        # 0.92x on 64->64 1x1 through the op); measurements in ops.sparse24_conv2d._cpu_auto.
-        if cpu_fast_path_applies(x, self.backend) and x.dim() == 4 and x.shape[1] == self.in_channels:
-            params = self._parameters
+        bias = self._parameters["bias"]
+        if self.uses_resident_dense() and isinstance(x, torch.Tensor) and x.dim() == 4 \
+                and x.shape[1] == self.in_channels:
+            weight = self._parameters["weight"]
+            out_format = routing.conv_output_format(x)
+            if routing.is_compiling():
+                return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation).contiguous(
+                    memory_format=out_format)
             try:
-                return _cpu_auto(
-                    x, params["weight_values"], self._buffers["weight_meta"], params["bias"],
-                    self.stride, self.padding, self.dilation, self.kernel_size,
-                )
+                y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+                return y.contiguous(memory_format=out_format)
             except (RuntimeError, TypeError, ValueError):
                 pass  # F.conv2d refused the input: the checks below raise the clear error
-        fn = "SparseConv2d.forward()"
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{fn}: expected input of shape [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if x.dtype != self.weight_values.dtype:
-            raise TypeError(f"{fn}: expected input of dtype {self.weight_values.dtype}, got {x.dtype}")
-        return _sparse24_conv2d_op(
-            x,
-            self.weight_values,
-            self.weight_meta,
-            self.bias,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.kernel_size,
-            self.backend,
-        )
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
+            # the op alone could take another channel count for another (valid) convolution
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SparseConv2d.forward(): expected input of shape [B, {self.in_channels}, H, W] "
+                             f"(or unbatched [{self.in_channels}, H, W]), got {got}")
+        return sparse24_conv2d(x, self.op_weight24(), bias, self.stride, self.padding, self.dilation,
+                               backend=self.backend, kernel_size=self.kernel_size)
 
     def extra_repr(self) -> str:
         s = (

@@ -4,32 +4,31 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..formats.sparse24 import Sparse24Weight, compress_24, first_non24_group
-from ..ops._backend import check_backend
-from ..ops.sparse24_linear import cpu_fast_path, sparse24_linear_checked
-from ._common import check_dtype, converted, dense_linear, dtype_reason, register_24_state
+from ..formats.sparse24 import first_non24_group
+from ..ops import routing
+from ..ops.functional import sparse24_linear
+from .base import check_dtype, check_size, copy_into, dtype_reason, register_sparse_module
+from .sparse24_module import Sparse24Module
 
 __all__ = ["SparseLinear"]
 
 
-class SparseLinear(nn.Module):
-    """``y = x @ W.T + bias`` with ``W`` ``[out, in]`` stored 2:4-compressed (inference only).
+@register_sparse_module
+class SparseLinear(Sparse24Module):
+    """``y = x @ W.T + bias`` with ``W`` ``[out, in]`` 2:4 sparse (inference only).
 
-    State (all that ``state_dict`` holds):
+    State dict (on every device): ``weight_values`` ``[out, in/2]``, ``weight_meta`` ``uint8 [out, ceil(in/8)]``
+    (:mod:`sparsekernels.formats.sparse24`) and ``bias`` ``[out]`` or None. In memory: the compressed tensors
+    on a GPU, the dense ``weight`` on the CPU (one copy, see :mod:`sparsekernels.nn.sparse24_module`).
 
-    * ``weight_values``: ``nn.Parameter`` ``[out, in/2]`` (``requires_grad=False``), the kept values;
-    * ``weight_meta``: ``uint8`` buffer ``[out, ceil(in/8)]``, the packed positions
-      (see :mod:`sparsekernels.formats.sparse24`);
-    * ``bias``: ``nn.Parameter`` ``[out]`` (``requires_grad=False``) or ``None``.
-
-    The constructor builds correctly shaped state (zeros) on any device, the meta device included, so a
+    The constructor builds correctly shaped zero state on any device, the meta device included, so a
     compressed checkpoint can be loaded with ``load_state_dict(state, assign=True)``.
 
-    On the CPU, ``backend="auto"`` multiplies by a dense copy of the weight expanded once and cached
-    beside the compressed tensors (not in the state_dict); measurements in ``docs/sparse24.md``.
-    On CUDA it runs the dispatcher's measured choice of Triton kernel / dense cuBLAS / cuSPARSELt.
+    ``backend="auto"``: on the CPU, ``F.linear`` on the resident dense weight; on CUDA, the dispatcher's measured
+    choice of the Triton kernel, dense cuBLAS or cuSPARSELt per shape.
 
     Args:
         in_features: input size, a multiple of 4.
@@ -44,6 +43,9 @@ class SparseLinear(nn.Module):
         TypeError: unsupported dtype.
     """
 
+    dense_type = nn.Linear
+    op_name = "sparse24_linear"
+
     def __init__(
         self,
         in_features: int,
@@ -54,22 +56,22 @@ class SparseLinear(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        super().__init__()
+        super().__init__(backend)
         fn = "SparseLinear()"
-        if not isinstance(in_features, int) or in_features < 4 or in_features % 4:
-            raise ValueError(f"{fn}: expected in_features to be a positive multiple of 4, got {in_features!r}")
-        if not isinstance(out_features, int) or out_features < 1:
-            raise ValueError(f"{fn}: expected out_features >= 1, got {out_features!r}")
-        dtype = check_dtype(fn, dtype)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.backend = check_backend(fn, backend)
-        register_24_state(self, out_features, in_features, bias, device, dtype)
+        self.in_features = check_size(fn, "in_features", in_features, 4, multiple=4)
+        self.out_features = check_size(fn, "out_features", out_features)
+        self.init_24_state(out_features, in_features, bias, device, check_dtype(fn, dtype))
+
+    def weight_to_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def weight_from_2d(self, weight2d: torch.Tensor) -> torch.Tensor:
+        return weight2d.contiguous()
 
     # -- conversion ---------------------------------------------------------------------------------
 
-    @staticmethod
-    def check_convertible(linear: nn.Module) -> Optional[str]:
+    @classmethod
+    def check_convertible(cls, linear: nn.Module) -> Optional[str]:
         """``None`` if :meth:`from_dense` can convert ``linear``, else the reason in words."""
         if not isinstance(linear, nn.Linear):
             return f"not an nn.Linear (got {type(linear).__name__})"
@@ -99,39 +101,35 @@ class SparseLinear(nn.Module):
         reason = cls.check_convertible(linear)
         if reason is not None:
             raise ValueError(f"SparseLinear.from_dense(): cannot convert {linear!r}: {reason}")
-        w24 = compress_24(linear.weight)
-        state = {"weight_values": w24.values, "weight_meta": w24.meta}
-        return converted(cls, linear, state, linear.in_features, linear.out_features, backend=backend)
-
-    @property
-    def weight24(self) -> Sparse24Weight:
-        """The compressed weight as a :class:`Sparse24Weight` (shares storage with the module)."""
-        return Sparse24Weight(self.weight_values.detach(), self.weight_meta, (self.out_features, self.in_features))
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, backend=backend,
+                    device=w.device, dtype=w.dtype)
+        layer.load_weight(w.detach(), linear.bias)
+        return layer
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with exactly this layer's weights, on the same device and dtype."""
-        return dense_linear(self, self.weight24.to_dense())
+        weight = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
+                           dtype=weight.dtype)
+        return copy_into(linear, weight, self.bias)
+
+    def constructor_args(self) -> dict:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None}
 
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Hot path on the CPU: read the state straight from the module's dicts (nn.Module.__getattr__
-        # costs ~1.4 us per name, a tenth of a 256x256 layer at M=1).
-        params = self._parameters
-        y = cpu_fast_path(
-            x, params["weight_values"], self._buffers["weight_meta"], self.in_features, params["bias"], self.backend
-        )
-        if y is not None:
-            return y
-        return sparse24_linear_checked(
-            x,
-            self.weight_values,
-            self.weight_meta,
-            self.in_features,
-            self.bias,
-            backend=self.backend,
-            fn="SparseLinear.forward()",
-        )
+        bias = self._parameters["bias"]
+        if self.uses_resident_dense():
+            weight = self._parameters["weight"]
+            if routing.is_compiling():
+                return F.linear(x, weight, bias)
+            try:
+                return F.linear(x, weight, bias)
+            except (RuntimeError, TypeError, ValueError):
+                pass  # F.linear refused the input: the op's checks raise the clear error
+        return sparse24_linear(x, self.op_weight24(), bias, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -3,14 +3,14 @@
 The ops call :func:`select` with a mapping of candidate backends (``"triton"``, ``"dense"``, and
 ``"cusparselt"`` where the GPU supports it), each a zero-argument callable that computes the op. The
 first time a ``(op, key, device)`` is seen, every candidate is timed (warm-up, then the median of
-several runs with :func:`sparsekernels.bench.timing.time_fn`) and the fastest wins -- except that
+several runs with :func:`sparsekernels.timing.time_fn`) and the fastest wins -- except that
 ``"dense"`` is kept unless a sparse candidate beats it by more than the measurement noise, so a
 dispatched layer is never slower than dense. The decision and every measured time are kept in memory
 and persisted to a JSON tuning cache, so a later process reuses them without measuring again.
 
 The tuning cache lives in ``$SPARSEKERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/sparsekernels``, else
 ``~/.cache/sparsekernels``, in the file :data:`CACHE_FILE`. Decisions are grouped by an *environment
-key* (device name + torch / triton / sparsekernels versions, see :func:`environment_key`): a
+key* (device name + torch / triton / sparsekernels versions, see :func:`sparsekernels.environment.environment_key`): a
 decision measured on one GPU or library version is never reused on another. Writers take an
 exclusive ``fcntl`` lock on a side file, re-read the cache, merge their entry and replace the file
 atomically (``os.replace``), so concurrent processes never lose each other's entries and readers
@@ -18,8 +18,8 @@ never see a torn file.
 
 No measuring happens while ``torch.compile`` traces (``torch.compiler.is_compiling()``) or while a
 CUDA graph is being captured: then :func:`select` returns the cached decision, or ``default`` when
-there is none. ``SPARSEKERNELS_BACKEND`` (see :mod:`sparsekernels.ops._backend`) bypasses the
-dispatcher altogether.
+there is none. Which candidates exist, and when the dispatcher is asked at all, is the routing module's
+business (:mod:`sparsekernels.ops.routing`); this module only measures and remembers.
 
 Tests and benchmarks may inject a timer (:func:`use_timer`), and may call :func:`select` with CPU
 callables: the dispatcher itself is device-agnostic.
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import json
 import os
 import threading
@@ -38,13 +37,11 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-from .._version import __version__
-from ..bench.timing import Timing, time_fn
-from ._cache import _cached_entries, cached  # noqa: F401  (cached is public here)
+from ..environment import environment_key
+from ..timing import Timing, time_fn
 
 __all__ = [
     "select",
-    "cached",
     "Decision",
     "lookup",
     "decisions",
@@ -54,7 +51,6 @@ __all__ = [
     "reset",
     "cache_dir",
     "cache_path",
-    "environment_key",
     "timing_allowed",
     "choose",
     "CACHE_ENV",
@@ -89,7 +85,7 @@ class Decision:
         op: the op name, e.g. ``"sparse24_linear"``.
         key: the shape bucket as a JSON string (the ``key`` tuple given to :func:`select`).
         choice: the chosen candidate.
-        timings: candidate -> measured :class:`~sparsekernels.bench.timing.Timing` (milliseconds).
+        timings: candidate -> measured :class:`~sparsekernels.timing.Timing` (milliseconds).
         errors: candidate -> error message, for candidates that raised while being measured.
         environment: the environment key the decision belongs to (device name and versions).
         source: ``"measured"`` (this process measured it) or ``"cache"`` (read from the tuning cache).
@@ -179,37 +175,6 @@ def cache_path() -> str:
     return os.path.join(cache_dir(), CACHE_FILE)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_version() -> str:
-    # importlib.metadata instead of ``import triton``: importing sparsekernels must stay cheap.
-    try:
-        from importlib.metadata import version
-
-        return version("triton")
-    except Exception:  # triton not installed (macOS, Windows)
-        return "none"
-
-
-@functools.lru_cache(maxsize=None)
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from ..bench.environment import _device_name as host_name
-
-    return host_name(device)
-
-
-def environment_key(device: torch.device | str = "cpu") -> str:
-    """The key decisions are stored under: device name and the versions that decide a timing.
-
-    Example: ``"NVIDIA H100 80GB HBM3|torch 2.11.0+cu128|triton 3.6.0|sparsekernels 0.1.0"``.
-    """
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    return f"{_device_name(device)}|torch {torch.__version__}|triton {_triton_version()}|sparsekernels {__version__}"
-
-
 def _atom(x):
     if isinstance(x, bool) or x is None or isinstance(x, (int, float, str)):
         return x
@@ -261,7 +226,7 @@ def set_timer(timer: Timer | None) -> Timer | None:
     """Replace the timer used to measure candidates; ``None`` restores the default. Returns the previous one.
 
     A timer is called as ``timer(name, fn, device)`` and returns a
-    :class:`~sparsekernels.bench.timing.Timing` or a median in milliseconds (a float).
+    :class:`~sparsekernels.timing.Timing` or a median in milliseconds (a float).
     """
     global _timer
     if timer is not None and not callable(timer):

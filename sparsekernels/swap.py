@@ -13,56 +13,20 @@ weight that does not have the 2:4 pattern.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 
-from ..ops._backend import check_backend
+from .nn import SparseModule, sparse_module_types, sparse_patterns
+from .nn.walk import module_occurrences, move_hooks, replace_modules
+from .ops.routing import check_backend_name
+from .tables import format_table
 
-__all__ = ["sparsify", "densify", "SwapReport", "SwappedLayer", "SkippedLayer", "PATTERNS"]
-
-PATTERNS = ("2:4", "block", "any")
-
-# sparse module class name -> module path; resolved lazily (importing sparsekernels stays cheap)
-_SPARSE_MODULES = {
-    "SparseLinear": "sparsekernels.nn.linear",
-    "SparseConv2d": "sparsekernels.nn.conv",
-    "BlockSparseLinear": "sparsekernels.nn.blocksparse",
-}
-
-# Every per-module hook container of nn.Module across torch >= 2.6 (missing ones are skipped).
-_HOOK_ATTRS = (
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-
-
-def sparse_module_class(name: str):
-    """The sparse module class called ``name`` (``"SparseLinear"``, ...), or None if it is unavailable."""
-    path = _SPARSE_MODULES.get(name)
-    if path is None:
-        return None
-    try:
-        module = importlib.import_module(path)
-    except ModuleNotFoundError as exc:
-        if exc.name == path:  # not part of this installation; any other import error is a real bug
-            return None
-        raise
-    return getattr(module, name, None)
-
-
-def sparse_module_types() -> tuple[type, ...]:
-    """The sparse module classes that are available in this installation."""
-    return tuple(c for c in (sparse_module_class(n) for n in _SPARSE_MODULES) if c is not None)
+__all__ = ["sparsify", "densify", "SwapReport", "SwappedLayer", "SkippedLayer"]
 
 
 @dataclass(frozen=True)
@@ -132,7 +96,7 @@ class SwapReport:
                  f"{s.stored_bytes / max(s.dense_bytes, 1):.4f}")
                 for s in self.swapped
             ]
-            lines += _table(("layer", "pattern", "module", "weight", "bytes vs dense"), rows)
+            lines += format_table(("layer", "pattern", "module", "weight", "bytes vs dense"), rows)
             if self.action == "sparsify":
                 lines.append(
                     f"weights: {self.dense_bytes} dense bytes -> {self.stored_bytes} stored bytes "
@@ -140,60 +104,12 @@ class SwapReport:
                 )
         if self.skipped:
             lines.append("left unchanged:")
-            lines += _table(("layer", "module", "reason"), [(s.name, s.module_type, s.reason) for s in self.skipped])
+            lines += format_table(("layer", "module", "reason"), [(s.name, s.module_type, s.reason) for s in self.skipped])
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
-def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = ["  " + fmt.format(*header).rstrip(), "  " + "  ".join("-" * w for w in widths)]
-    out += ["  " + fmt.format(*map(str, r)).rstrip() for r in rows]
-    return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model walking helpers (shared with tuning and checkpoints)
-
-
-def module_occurrences(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
-    """id(module) -> every (parent, attribute, qualified name) under which it is registered."""
-    occ: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for attr, child in parent._modules.items():
-            if child is None:
-                continue
-            name = f"{parent_name}.{attr}" if parent_name else attr
-            entries = occ.setdefault(id(child), [])
-            if all(p is not parent or a != attr for p, a, _ in entries):
-                entries.append((parent, attr, name))
-    return occ
-
-
-def move_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the hook dictionaries of ``old`` (shared, so existing hook handles stay valid)."""
-    for attr in _HOOK_ATTRS:
-        if attr in old.__dict__ and attr in new.__dict__:
-            setattr(new, attr, getattr(old, attr))
-    if "_is_full_backward_hook" in old.__dict__:
-        new._is_full_backward_hook = old._is_full_backward_hook
-    new.train(old.training)
-
-
-def replace_modules(model: nn.Module, replacements: dict[int, nn.Module], occ=None) -> None:
-    """Assign ``replacements`` (id(old) -> new) at every place the old modules are registered."""
-    occ = module_occurrences(model) if occ is None else occ
-    for old_id, new in replacements.items():
-        for parent, attr, _ in occ[old_id]:
-            setattr(parent, attr, new)
-
-
 def _torch_prune_hook(module: nn.Module) -> bool:
-    try:
-        from torch.nn.utils.prune import BasePruningMethod
-    except ImportError:  # pragma: no cover - always present in torch >= 2.6
-        return False
     return any(isinstance(h, BasePruningMethod) for h in module._forward_pre_hooks.values())
 
 
@@ -273,10 +189,6 @@ def _guard_transformer_fast_paths(model: nn.Module, replacements: dict[int, nn.M
     return notes
 
 
-def _stored_bytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for n, t in module.state_dict().items() if n != "bias")
-
-
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -316,18 +228,19 @@ def sparsify(
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"{fn}: expected filter_fn to be callable (name, module) -> bool or None, got {type(filter_fn).__name__}")
-    check_backend(fn, backend)
-    if pattern not in PATTERNS:
-        raise ValueError(f"{fn}: expected pattern to be one of {PATTERNS}, got {pattern!r}")
-
-    sparse_linear = sparse_module_class("SparseLinear")
-    sparse_conv = sparse_module_class("SparseConv2d")
-    block_linear = sparse_module_class("BlockSparseLinear")
+    check_backend_name(fn, backend)
+    patterns = (*sparse_patterns(), "any")
+    if pattern not in patterns:
+        raise ValueError(f"{fn}: expected pattern to be one of {patterns}, got {pattern!r}")
+    options = {"block_size": block_size, "min_block_sparsity": min_block_sparsity}
+    classes = [c for c in sparse_module_types() if pattern in ("any", c.pattern)]
+    dense_types = tuple(dict.fromkeys(c.dense_type for c in sparse_module_types()))
+    wanted = ", ".join(dict.fromkeys(f"nn.{c.dense_type.__name__}" for c in classes))
 
     occ = module_occurrences(model)
     holders = _shared_parameters(model)
     out_proj_ids, skipped = _mha_skips(model)
-    plans: list[tuple[str, nn.Module, type, str]] = []  # (name, old module, new class, pattern)
+    plans: list[tuple[str, nn.Module, type[SparseModule]]] = []  # (name, old module, new class)
     seen: set[int] = set()
 
     for name, module in [("", model)] + [(n, m) for n, m in model.named_modules() if n]:
@@ -340,7 +253,7 @@ def sparsify(
                 "nn.Linear with weight = conv1d.weight.t() first",
             ))
             continue
-        if not isinstance(module, (nn.Linear, nn.Conv2d)) or id(module) in seen:
+        if not isinstance(module, dense_types) or id(module) in seen:
             continue
         seen.add(id(module))
         tname = type(module).__name__
@@ -364,9 +277,10 @@ def sparsify(
             skip("holds a torch.nn.utils.prune mask (weight_orig * weight_mask); make it permanent first with "
                  "torch.nn.utils.prune.remove(module, 'weight')")
             continue
-        if type(module) not in (nn.Linear, nn.Conv2d):
-            skip(f"a subclass of nn.{'Linear' if isinstance(module, nn.Linear) else 'Conv2d'}: only exact "
-                 "nn.Linear / nn.Conv2d are swapped (a subclass may change forward or be read directly)")
+        if type(module) not in dense_types:
+            base = next(t for t in dense_types if isinstance(module, t))
+            skip(f"a subclass of nn.{base.__name__}: only exact {', '.join(f'nn.{t.__name__}' for t in dense_types)} "
+                 "are swapped (a subclass may change forward or be read directly)")
             continue
         if filter_fn is not None and not filter_fn(name, module):
             skip("excluded by filter_fn")
@@ -376,48 +290,26 @@ def sparsify(
             skip(f"weight is shared with {', '.join(sorted(tied))} (tied weights); swapping would untie it")
             continue
 
-        if isinstance(module, nn.Conv2d):
-            if pattern == "block":
-                skip("pattern='block' applies to nn.Linear only")
-            elif sparse_conv is None:
-                skip("SparseConv2d is not available in this installation")
-            else:
-                reason = sparse_conv.check_convertible(module)
-                if reason is None:
-                    plans.append((name, module, sparse_conv, "2:4"))
-                else:
-                    skip(reason)
+        matching = [c for c in classes if type(module) is c.dense_type]
+        if not matching:
+            skip(f"pattern={pattern!r} applies to {wanted} only")
             continue
-
         reasons = []
-        if pattern in ("2:4", "any"):
-            reason = "SparseLinear is not available" if sparse_linear is None else sparse_linear.check_convertible(module)
+        for cls in matching:
+            reason = cls.check_convertible(module, **{k: options[k] for k in cls.options})
             if reason is None:
-                plans.append((name, module, sparse_linear, "2:4"))
-                continue
-            reasons.append(f"2:4: {reason}" if pattern == "any" else reason)
-        if pattern in ("block", "any"):
-            if block_linear is None:
-                reason = "BlockSparseLinear is not available"
-            else:
-                reason = block_linear.check_convertible(
-                    module, block_size=block_size, min_block_sparsity=min_block_sparsity
-                )
-            if reason is None:
-                plans.append((name, module, block_linear, "block"))
-                continue
-            reasons.append(f"block: {reason}" if pattern == "any" else reason)
-        skip("; ".join(reasons))
+                plans.append((name, module, cls))
+                break
+            reasons.append(f"{cls.pattern}: {reason}" if len(matching) > 1 else reason)
+        else:
+            skip("; ".join(reasons))
 
     # Build every replacement before touching the model.
     replacements: dict[int, nn.Module] = {}
     swapped: list[SwappedLayer] = []
-    for name, module, cls, pat in plans:
+    for name, module, cls in plans:
         try:
-            if pat == "block":
-                new = cls.from_dense(module, block_size=block_size, min_block_sparsity=min_block_sparsity, backend=backend)
-            else:
-                new = cls.from_dense(module, backend=backend)
+            new = cls.from_dense(module, backend=backend, **{k: options[k] for k in cls.options})
         except Exception as exc:
             err = type(exc) if isinstance(exc, (ValueError, TypeError)) else RuntimeError
             raise err(f"{fn}: converting layer {name!r} ({type(module).__name__}) failed, the model is "
@@ -425,12 +317,12 @@ def sparsify(
         move_hooks(module, new)
         replacements[id(module)] = new
         swapped.append(
-            SwappedLayer(name, pat, type(module).__name__, type(new).__name__, tuple(module.weight.shape),
-                         module.weight.numel() * module.weight.element_size(), _stored_bytes(new))
+            SwappedLayer(name, cls.pattern, type(module).__name__, type(new).__name__, tuple(module.weight.shape),
+                         module.weight.numel() * module.weight.element_size(), new.stored_bytes())
         )
     notes = _guard_transformer_fast_paths(model, replacements, occ)
     # Layers in training mode with trainable parameters: the user may expect to keep training them.
-    trainable = [name for name, module, _, _ in plans
+    trainable = [name for name, module, _ in plans
                  if module.training and any(p.requires_grad for p in module.parameters(recurse=False))]
     if trainable:
         shown = ", ".join(trainable[:5]) + (f" and {len(trainable) - 5} more" if len(trainable) > 5 else "")
@@ -474,7 +366,7 @@ def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None
         if filter_fn is not None and not filter_fn(name, module):
             skipped.append(SkippedLayer(name, type(module).__name__, "excluded by filter_fn"))
             continue
-        stored = _stored_bytes(module)
+        stored = module.stored_bytes()
         dense = module.to_dense()
         move_hooks(module, dense)
         for hid in [k for k, h in dense._forward_pre_hooks.items() if h is _fast_path_guard]:

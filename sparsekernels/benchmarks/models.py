@@ -26,7 +26,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .measure import ROOFLINE_COLUMNS, call_model, latency_columns, relative_error
+
 __all__ = [
+    "ResNetSizes",
+    "BertSizes",
+    "LlamaSizes",
     "SuiteSizes",
     "SuiteResult",
     "suite_sizes",
@@ -54,21 +59,62 @@ LLAMA_SHAPES = (
 
 
 @dataclass(frozen=True)
-class SuiteSizes:
-    """Every size the suites use; :func:`suite_sizes` picks them for a device and ``quick``."""
+class ResNetSizes:
+    """The ResNet suite's model and input.
 
-    resnet_batch: int
-    resnet_resolution: int
-    resnet_ratios: tuple[float, ...]
-    bert_layers: int
-    bert_seq: int
-    bert_batches: tuple[int, ...]
-    llama_shapes: tuple[tuple[str, int, int], ...]
-    llama_tokens: tuple[int, ...]
+    Attributes:
+        arch: the torchvision model name (``"resnet50"``; quick runs use ``"resnet18"``).
+        batch, resolution: the input is ``[batch, 3, resolution, resolution]``.
+        ratios: the filter-pruning ratios (fractions of channels removed), one variant each.
+    """
+
+    arch: str
+    batch: int
+    resolution: int
+    ratios: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class BertSizes:
+    """The BERT-base-sized encoder (hidden 768, 12 heads, FFN 3072 always).
+
+    Attributes:
+        layers: encoder layers.
+        seq: tokens per sequence.
+        batches: the batch sizes timed, one row each.
+        vocab: the vocabulary size (the embedding table's rows).
+    """
+
+    layers: int
+    seq: int
+    batches: tuple[int, ...]
+    vocab: int = 30522
+
+
+@dataclass(frozen=True)
+class LlamaSizes:
+    """The LLaMA-sized projections: ``(name, in_features, out_features)`` each, timed at every token count."""
+
+    shapes: tuple[tuple[str, int, int], ...]
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SuiteSizes:
+    """Every size the suites use; :func:`suite_sizes` picks them for a device and ``quick``.
+
+    Attributes:
+        resnet, bert, llama: each suite's sizes.
+        rounds, rep: interleaved timing rounds, and timed calls per variant and round.
+        cpu_threads: torch's CPU threads while timing (``None``: leave torch's setting).
+        round_to: filter pruning keeps channel counts multiples of this (``None``: any count).
+    """
+
+    resnet: ResNetSizes
+    bert: BertSizes
+    llama: LlamaSizes
     rounds: int
     rep: int
-    resnet_arch: str = "resnet50"
-    bert_vocab: int = 30522
     cpu_threads: int | None = 1
     round_to: int | None = 8
 
@@ -80,12 +126,13 @@ def suite_sizes(device: torch.device | str, quick: bool) -> SuiteSizes:
     device = torch.device(device)
     if quick:
         small = tuple((f"{n.split()[0]} /8 {i // 8}->{o // 8}", i // 8, o // 8) for n, i, o in LLAMA_SHAPES)
-        return SuiteSizes(2, 64, (0.3,), 2, 32, (1, 4), small, (1, 16, 256), 5, 3, resnet_arch="resnet18",
-                          bert_vocab=8192)
+        return SuiteSizes(ResNetSizes("resnet18", 2, 64, (0.3,)), BertSizes(2, 32, (1, 4), vocab=8192),
+                          LlamaSizes(small, (1, 16, 256)), rounds=5, rep=3)
     if device.type == "cuda":
-        return SuiteSizes(64, 224, (0.2, 0.3, 0.5), 12, 128, (1, 4, 16, 64), LLAMA_SHAPES,
-                          (1, 4, 16, 512, 2048, 8192), 5, 10)
-    return SuiteSizes(8, 224, (0.3, 0.5), 12, 128, (1, 8), LLAMA_SHAPES, (1, 16, 128), 5, 5)
+        return SuiteSizes(ResNetSizes("resnet50", 64, 224, (0.2, 0.3, 0.5)), BertSizes(12, 128, (1, 4, 16, 64)),
+                          LlamaSizes(LLAMA_SHAPES, (1, 4, 16, 512, 2048, 8192)), rounds=5, rep=10)
+    return SuiteSizes(ResNetSizes("resnet50", 8, 224, (0.3, 0.5)), BertSizes(12, 128, (1, 8)),
+                      LlamaSizes(LLAMA_SHAPES, (1, 16, 128)), rounds=5, rep=5)
 
 
 @dataclass(frozen=True)
@@ -101,38 +148,15 @@ class SuiteResult:
 
 
 MODEL_COLUMNS = (
-    ("model", "model"),
-    ("variant", "variant"),
-    ("batch", "batch", "d"),
-    ("dtype", "dtype"),
-    ("latency_ms", "latency (ms)", ".3f"),
-    ("iqr_ms", "± IQR", ".3f"),
-    ("speedup", "speedup", ".2f"),
-    ("mac_ratio", "MACs / dense", ".2f"),
-    ("tflops", "TFLOP/s", ".2f"),
-    ("gbps", "GB/s", ".1f"),
-    ("roofline_pct", "% roofline", ".1f"),
-    ("weight_mb", "weights (MB)", ".1f"),
-    ("peak_mem_mb", "peak mem (MB)", ".0f"),
-    ("rel_err", "rel. err vs masked", ".1e"),
-    ("status", "status"),
+    ("model", "model"), ("variant", "variant"), ("batch", "batch", "d"), ("dtype", "dtype"), *latency_columns(),
+    ("mac_ratio", "MACs / dense", ".2f"), *ROOFLINE_COLUMNS, ("weight_mb", "weights (MB)", ".1f"),
+    ("peak_mem_mb", "peak mem (MB)", ".0f"), ("rel_err", "rel. err vs masked", ".1e"), ("status", "status"),
 )
 
 LLAMA_COLUMNS = (
-    ("layer", "layer"),
-    ("tokens", "tokens", "d"),
-    ("dtype", "dtype"),
-    ("dense_ms", "dense (ms)", ".4f"),
-    ("latency_ms", "2:4 (ms)", ".4f"),
-    ("iqr_ms", "± IQR", ".4f"),
-    ("speedup", "speedup", ".2f"),
-    ("tflops", "TFLOP/s", ".2f"),
-    ("gbps", "GB/s", ".1f"),
-    ("roofline_pct", "% roofline", ".1f"),
-    ("weight_mb", "2:4 weights (MB)", ".1f"),
-    ("dense_weight_mb", "dense weights (MB)", ".1f"),
-    ("rel_err", "rel. err", ".1e"),
-    ("status", "status"),
+    ("layer", "layer"), ("tokens", "tokens", "d"), ("dtype", "dtype"), ("dense_ms", "dense (ms)", ".4f"),
+    *latency_columns("2:4", ".4f"), *ROOFLINE_COLUMNS, ("weight_mb", "2:4 weights (MB)", ".1f"),
+    ("dense_weight_mb", "dense weights (MB)", ".1f"), ("rel_err", "rel. err", ".1e"), ("status", "status"),
 )
 
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -140,15 +164,10 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 def _timing_note(device: torch.device, sizes: SuiteSizes) -> str:
     """How the rows were timed (the report's device line shows torch's default thread count)."""
-    how = f"median of {sizes.rounds} interleaved rounds of {sizes.rep} calls (sparsekernels.bench.timing.time_fn)"
+    how = f"median of {sizes.rounds} interleaved rounds of {sizes.rep} calls (sparsekernels.timing.time_fn)"
     if torch.device(device).type == "cpu" and sizes.cpu_threads is not None:
         how += f", {sizes.cpu_threads} CPU thread(s) while timing"
     return f" Timing: {how}."
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
 def _output_tensor(y):
@@ -161,19 +180,13 @@ def _output_tensor(y):
     raise TypeError(f"cannot find the output tensor in {type(y).__name__}")
 
 
-def _call(model: nn.Module, example):
-    if isinstance(example, dict):
-        return model(**example)
-    return model(example)
-
-
 def _peak_mem_mb(model: nn.Module, example, device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
-        _call(model, example)
+        call_model(model, example)
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) / 1e6
 
@@ -192,13 +205,6 @@ def _prune_24_masked(model: nn.Module) -> nn.Module:
     pruning.prune_weights(model, pattern="2:4", importance="magnitude", progress=False)
     pruning.remove_masks(model)
     return model
-
-
-def _prune_filters(model: nn.Module, example, ratio: float, round_to: int | None) -> nn.Module:
-    import pruning
-
-    result = pruning.prune_channels(model, example, ratio=ratio, importance="l1", round_to=round_to, progress=False)
-    return result[0] if isinstance(result, tuple) else result
 
 
 def _batch_of(example) -> int:
@@ -237,6 +243,7 @@ def _model_rows(
     the batch); the models are then moved to ``device`` / ``dtype`` and the 2:4 ones swapped with
     ``sparsekernels.sparsify``.
     """
+    import pruning
     import sparsekernels
 
     from .measure import count_macs, cpu_timing_threads, device_peak, roofline_columns, stored_bytes, time_interleaved
@@ -255,7 +262,8 @@ def _model_rows(
         try:
             if kind in ("filters", "filters+2:4"):
                 if ratio not in filtered:  # prune_channels returns a new model and leaves base untouched
-                    fm = _prune_filters(base, probe, ratio, sizes.round_to).eval()
+                    fm = pruning.prune_channels(base, probe, ratio=ratio, importance="l1", round_to=sizes.round_to,
+                                                progress=False).eval()
                     filtered[ratio] = (fm, count_macs(fm, probe))
                 m, macs = copy.deepcopy(filtered[ratio][0]), filtered[ratio][1]
             else:
@@ -272,7 +280,8 @@ def _model_rows(
                 meta["status"] = f"{len(report.swapped)} layers 2:4, {len(report.skipped)} dense"
                 x = _to_device(first, device, dtype)
                 with torch.inference_mode():
-                    meta["rel_err"] = _rel_err(_output_tensor(_call(m, x)), _output_tensor(_call(masked, x)))
+                    meta["rel_err"] = relative_error(_output_tensor(call_model(m, x)),
+                                                     _output_tensor(call_model(masked, x)))
                 del masked
             meta["weight_bytes"] = stored_bytes(m)
             models[label] = m
@@ -283,7 +292,7 @@ def _model_rows(
     def runner(m, x):
         def call():
             with torch.inference_mode():
-                return _call(m, x)
+                return call_model(m, x)
         return call
 
     rows = []
@@ -316,19 +325,19 @@ def _model_rows(
 
 def resnet50_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
                    sizes: SuiteSizes | None = None) -> SuiteResult:
-    """ResNet-50: dense, filters at every ratio of ``sizes.resnet_ratios``, 2:4, filters + 2:4."""
+    """ResNet-50: dense, filters at every ratio of ``sizes.resnet.ratios``, 2:4, filters + 2:4."""
     import torchvision
 
     sizes = sizes or suite_sizes(device, quick)
-    res, batch = sizes.resnet_resolution, sizes.resnet_batch
+    res, batch = sizes.resnet.resolution, sizes.resnet.batch
     example = torch.randn(batch, 3, res, res)
-    both_ratio = sizes.resnet_ratios[len(sizes.resnet_ratios) // 2]
+    both_ratio = sizes.resnet.ratios[len(sizes.resnet.ratios) // 2]
     variants = [("dense", "dense", 0.0)]
-    variants += [(f"filters -{r:.0%}", "filters", r) for r in sizes.resnet_ratios]
+    variants += [(f"filters -{r:.0%}", "filters", r) for r in sizes.resnet.ratios]
     variants += [("2:4", "2:4", 0.0), (f"filters -{both_ratio:.0%} + 2:4", "filters+2:4", both_ratio)]
-    rows = _model_rows(f"{sizes.resnet_arch} {res}px", lambda: torchvision.models.get_model(sizes.resnet_arch),
+    rows = _model_rows(f"{sizes.resnet.arch} {res}px", lambda: torchvision.models.get_model(sizes.resnet.arch),
                        [example], variants, device=device, dtype=dtype, sizes=sizes, progress=progress)
-    return SuiteResult("resnet50", f"{sizes.resnet_arch} (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
+    return SuiteResult("resnet50", f"{sizes.resnet.arch} (random init), batch {batch}, {res}x{res}", rows, MODEL_COLUMNS,
                        notes="Filter ratios are fractions of channels removed (pruning.prune_channels, L1, "
                        f"round_to={sizes.round_to}); MACs / dense counts non-zero-weight MACs (torch.utils.flop_counter)."
                        + _timing_note(device, sizes))
@@ -336,27 +345,27 @@ def resnet50_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = Fa
 
 def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False, progress: bool = True,
                sizes: SuiteSizes | None = None) -> SuiteResult:
-    """A BERT-base-sized encoder (random init, no download) at every batch of ``sizes.bert_batches``."""
+    """A BERT-base-sized encoder (random init, no download) at every batch of ``sizes.bert.batches``."""
     sizes = sizes or suite_sizes(device, quick)
     try:
         from transformers import BertConfig, BertModel
     except ImportError as e:
         row = {"model": "bert-base encoder", "variant": "dense", "status": f"failed: transformers missing ({e})"}
         return SuiteResult("bert", "BERT-base encoder", [row], MODEL_COLUMNS)
-    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=sizes.bert_vocab,
-                        num_hidden_layers=sizes.bert_layers, max_position_embeddings=max(512, sizes.bert_seq))
+    config = BertConfig(hidden_size=768, num_attention_heads=12, intermediate_size=3072, vocab_size=sizes.bert.vocab,
+                        num_hidden_layers=sizes.bert.layers, max_position_embeddings=max(512, sizes.bert.seq))
 
     def build():
         return BertModel(config, add_pooling_layer=False)
 
     variants = [("dense", "dense", 0.0), ("filters -30%", "filters", 0.3), ("2:4", "2:4", 0.0)]
     gen = torch.Generator().manual_seed(0)
-    examples = [{"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert_seq), generator=gen)}
-                for batch in sizes.bert_batches]
-    rows = _model_rows(f"bert-base {sizes.bert_layers}L seq{sizes.bert_seq}", build, examples, variants,
+    examples = [{"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert.seq), generator=gen)}
+                for batch in sizes.bert.batches]
+    rows = _model_rows(f"bert-base {sizes.bert.layers}L seq{sizes.bert.seq}", build, examples, variants,
                        device=device, dtype=dtype, sizes=sizes, progress=progress)
-    return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert_layers} layers, hidden 768, 12 heads, FFN 3072,"
-                       f" seq {sizes.bert_seq}, random init)", rows, MODEL_COLUMNS,
+    return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert.layers} layers, hidden 768, 12 heads, FFN 3072,"
+                       f" seq {sizes.bert.seq}, random init)", rows, MODEL_COLUMNS,
                        notes="filters -30%: attention heads and FFN width pruned by pruning.prune_channels; "
                        "2:4: every encoder Linear." + _timing_note(device, sizes))
 
@@ -374,7 +383,7 @@ def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False
     peak = device_peak(device)
     rows = []
     elt = torch.tensor([], dtype=dtype).element_size()
-    for name, k, n in tqdm(sizes.llama_shapes, desc="llama layers", disable=not progress, leave=False):
+    for name, k, n in tqdm(sizes.llama.shapes, desc="llama layers", disable=not progress, leave=False):
         torch.manual_seed(0)
         dense = nn.Linear(k, n, bias=False)
         with torch.no_grad():
@@ -382,14 +391,14 @@ def llama_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False
         dense = dense.to(device=device, dtype=dtype).eval()
         sparse = SparseLinear.from_dense(dense).eval()
         w_bytes, dense_bytes = stored_bytes(sparse), stored_bytes(dense)
-        for tokens in sizes.llama_tokens:
+        for tokens in sizes.llama.tokens:
             row = {"layer": name, "in": k, "out": n, "tokens": tokens, "dtype": _DTYPE_NAMES.get(dtype, str(dtype)),
                    "weight_mb": w_bytes / 1e6, "dense_weight_mb": dense_bytes / 1e6, "status": "ok"}
             rows.append(row)
             try:
                 x = torch.randn(tokens, k, device=device, dtype=dtype)
                 with torch.inference_mode():
-                    row["rel_err"] = _rel_err(sparse(x), dense(x))
+                    row["rel_err"] = relative_error(sparse(x), dense(x))
 
                 def run(m):
                     def call():
@@ -457,7 +466,7 @@ def suite_plot_specs(results: list[SuiteResult]) -> dict[str, dict]:
 
 def timing_stamp(device: torch.device, threads: int | None = 1) -> dict:
     """The environment stamp as it was while timing: on the CPU with the suites' timing thread count."""
-    from ..bench.environment import environment_stamp
+    from ..environment import environment_stamp
     from .measure import cpu_timing_threads
 
     with cpu_timing_threads(device, threads):
@@ -469,7 +478,7 @@ def plot_suites(results: list[SuiteResult], out_dir: Path, device: torch.device,
     """Draw ``<prefix>latency_vs_tokens<suffix>.png`` and ``<prefix>speedup_vs_sparsity<suffix>.png`` (see
     :func:`suite_plot_specs`) into ``out_dir``; returns the paths written. ``threads``: the CPU timing thread
     count, shown in the subtitle."""
-    from ..bench.report import plot_lines
+    from .report import plot_lines
 
     sub = timing_stamp(device, threads)["device"]
     return [plot_lines(Path(out_dir) / f"{prefix}{stem}{suffix}.png", subtitle=sub, **spec)
@@ -480,7 +489,7 @@ def write_suite(result: SuiteResult, out_dir: str | os.PathLike, device: torch.d
                 suffix: str = "", threads: int | None = 1) -> Path:
     """Write one suite as ``<out_dir>/models_<name><suffix>.json|md`` (stamped with the CPU timing thread
     count ``threads``); returns the JSON path."""
-    from ..bench.report import write_report
+    from .report import write_report
 
     files = write_report(f"models_{result.name}{suffix}", result.rows, result.columns, out_dir=out_dir,
                          device=device, title=result.title, notes=result.notes, plots=plots,

@@ -12,9 +12,9 @@ process is killed. It writes at most :data:`MAX_FILES` files, flat in ``DIR`` (n
 
 Steps, most important first (planned seconds on an H100 in brackets):
 
-1. ``kernels_fp16`` -- the 2:4 Linear sweep (issue 2): LLaMA layers x tokens 1..8192, fp16 (90 s).
+1. ``kernels_fp16`` -- the 2:4 Linear sweep: LLaMA layers x tokens 1..8192, fp16 (90 s).
 2. ``llama``        -- LLaMA-sized projections through ``SparseLinear`` (the dispatcher), fp16 (60 s).
-3. ``layers``       -- the per-layer dispatcher suite (issue 5), fp16, cut at 80 s by itself (90 s).
+3. ``layers``       -- the per-layer dispatcher suite, fp16, cut at 80 s by itself (90 s).
 4. ``resnet50``     -- ResNet-50 at batch 64, fp16: dense, filters at 3 ratios, 2:4, both (75 s).
 5. ``bert``         -- the BERT-base encoder at batch 1, 4, 16, 64, fp16 (60 s).
 6. ``kernels_bf16`` -- the 2:4 Linear sweep in bf16 (90 s).
@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["GpuStep", "GpuSuiteResult", "MAX_FILES", "default_steps", "plan_next", "run_gpu_suite"]
+__all__ = ["GpuStep", "StepOutput", "StepTimeout", "GpuSuiteResult", "MAX_FILES", "default_steps", "plan_next",
+           "run_gpu_suite"]
 
 MAX_FILES = 8
-SUITE_SCHEMA = "sparsekernels.suite/1"
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def _watchdog(seconds: float):
 
 
 def _section(name, title, rows, columns, notes="") -> dict:
-    from ..bench.report import normalize_columns
+    from .report import normalize_columns
 
     return {"name": name, "title": title, "rows": rows, "columns": [c.as_dict() for c in normalize_columns(columns)],
             "notes": notes}
@@ -118,12 +118,12 @@ def _section(name, title, rows, columns, notes="") -> dict:
 
 def _kernels_step(dtype: torch.dtype):
     def run(device: torch.device, progress: bool) -> StepOutput:
-        from ..bench.linear24 import LAYERS, TOKENS, run_linear24_sweep
-        from .bench import KERNEL_COLUMNS, _add_roofline
+        from .kernels import LAYERS, TOKENS, kernel_columns, run_linear24_sweep
+        from .measure import add_roofline
 
         rows = [r.as_dict() for r in run_linear24_sweep(device, tokens=TOKENS, layers=LAYERS, dtypes=[dtype],
                                                            out_dir=None, progress=progress)]
-        _add_roofline(rows, device)
+        add_roofline(rows, device)
         # one line per layer: what a swapped model runs (the dispatcher's "auto"), else our Triton kernel
         backends = {r["backend"] for r in rows}
         shown = next((b for b in ("auto", "triton", "cpu_auto") if b in backends), None)
@@ -134,7 +134,7 @@ def _kernels_step(dtype: torch.dtype):
                     (r["tokens"], r["speedup_vs_dense"]))
         name = str(dtype).replace("torch.", "")
         section = _section(f"kernels_linear24_{name}", f"2:4 Linear sweep (LLaMA layers, {name})", rows,
-                           KERNEL_COLUMNS, "speedup = cuBLAS median / this median; % roofline against the dense "
+                           kernel_columns(device), "speedup = cuBLAS median / this median; % roofline against the dense "
                            "fp16 tensor-core peak and HBM bandwidth")
         return StepOutput((section,), (("_kernel_series", series),))
 
@@ -143,7 +143,7 @@ def _kernels_step(dtype: torch.dtype):
 
 def _suite_step(name: str):
     def run(device: torch.device, progress: bool) -> StepOutput:
-        from .suites import SUITES
+        from .models import SUITES
 
         result = SUITES[name](device, torch.float16, quick=False, progress=progress)
         section = _section(f"models_{result.name}", result.title, result.rows, result.columns, result.notes)
@@ -153,7 +153,7 @@ def _suite_step(name: str):
 
 
 def _step_layers(device: torch.device, progress: bool) -> StepOutput:
-    from ..bench import layers
+    from . import layers
 
     sections = layers.layer_suite_sections(device, dtype=torch.float16, quick=False, progress=progress)
     return StepOutput(tuple(_section(**s) for s in sections))
@@ -175,7 +175,7 @@ def default_steps() -> list[GpuStep]:
 
 
 def _render_md(doc: dict) -> str:
-    from ..bench.report import markdown_table, stamp_line
+    from .report import markdown_table, stamp_line
 
     lines = ["# GPU suite", "", stamp_line(doc["environment"]), ""]
     lines.append(f"Budget {doc['budget_s']:.0f} s, spent {doc['seconds']:.0f} s. Steps run: "
@@ -193,9 +193,8 @@ def _render_md(doc: dict) -> str:
 
 def _write(out: Path, device, env: dict, budget_s: float, result: GpuSuiteResult, sections: list,
            plot_specs: dict) -> list[Path]:
-    from ..bench.report import SCHEMA, jsonable, normalize_columns, plot_lines
+    from .report import SCHEMA, SUITE_SCHEMA, jsonable, normalize_columns, plot_lines
 
-    files = []
     plots = []
     for stem, spec in plot_specs.items():
         try:
@@ -246,7 +245,7 @@ def run_gpu_suite(
     Raises:
         ValueError: ``budget_s`` not positive.
     """
-    from ..bench.environment import environment_stamp
+    from ..environment import environment_stamp
 
     if not budget_s > 0:
         raise ValueError(f"run_gpu_suite(): expected budget_s > 0, got {budget_s}")
@@ -294,7 +293,7 @@ def run_gpu_suite(
                     ylabel="speedup over dense (x)", logx=True, hline=1.0, hline_label="dense")
             else:
                 plot_specs[stem] = spec
-        from .suites import suite_plot_specs
+        from .models import suite_plot_specs
 
         plot_specs.update({f"gpu_{k}": v for k, v in suite_plot_specs(suites).items()})
         result.files = _write(out, device, env, budget_s, result, sections, plot_specs)

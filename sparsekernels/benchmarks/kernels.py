@@ -1,19 +1,21 @@
 """The 2:4 Linear sweep: our op against dense ``F.linear`` and PyTorch's semi-structured sparse GEMM.
 
-Used by ``benchmarks/bench_sparse24_linear.py`` (pytest-benchmark) and by ``sparsekernels bench``.
+Used by ``benchmarks/bench_sparse24_linear.py`` (pytest-benchmark), ``sparsekernels bench kernels`` and the
+GPU suite.
 
 On a GPU: tokens M in :data:`TOKENS`, the LLM layers in :data:`LAYERS`, float16 and bfloat16; columns
 ``dense`` (cuBLAS through ``F.linear`` on a prebuilt dense weight), ``triton`` (our kernel), ``cusparselt``
 (``torch.sparse.to_sparse_semi_structured`` weight, prebuilt; where the GPU / torch support it) and ``auto``
-(the dispatcher's choice, when ``sparsekernels.ops.dispatch`` is present).
+(the dispatcher's choice).
 On the CPU: a small float32 sweep (:data:`CPU_LAYERS`, :data:`CPU_TOKENS`) of the CPU path
 (``backend="auto"``, column ``cpu_auto``) against dense ``F.linear``, and :func:`cpu_design_study`, the
 measurement behind the CPU design.
 
 Every row: median and interquartile range (ms), speedup over dense (dense median / this median), GB/s
 (bytes of weight + activations + output moved, the weight counted compressed for the sparse columns) and
-TFLOP/s (dense-equivalent ``2 * M * N * K``). Results are written as JSON and Markdown with
-:func:`~sparsekernels.bench.environment.environment_stamp` under ``benchmarks/results/<device_slug>/``.
+TFLOP/s (dense-equivalent ``2 * M * N * K``); on a GPU of known peak also the % of the roofline. Results are
+written as JSON and Markdown with :func:`~sparsekernels.environment.environment_stamp` under
+``benchmarks/results/<device_slug>/``.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..formats.sparse24 import compress_24
-from .timing import Timing, time_fn
+from ..formats.sparse24 import Sparse24Weight, compress_24
+from .measure import add_roofline, middle_round, relative_error, time_rounds
 
 __all__ = [
     "TOKENS",
@@ -38,6 +40,8 @@ __all__ = [
     "random_24_weight",
     "run_linear24_sweep",
     "cpu_design_study",
+    "SWEEP_TIMING_COLUMNS",
+    "kernel_columns",
     "write_results",
     "results_dir_for",
     "DEFAULT_RESULTS",
@@ -96,23 +100,6 @@ def _bytes(m: int, n: int, k: int, elt: int, weight_bytes: int) -> int:
     return weight_bytes + m * k * elt + m * n * elt
 
 
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, **kw) -> dict[str, Timing]:
-    """Time candidates round-robin ``rounds`` times; per candidate keep the round with the middle median.
-
-    On a shared CPU, interleaving keeps a burst of load from landing on one candidate only.
-    """
-    got: dict[str, list[Timing]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            got[name].append(time_fn(fn, device=device, **kw))
-    return {name: sorted(ts, key=lambda t: t.median_ms)[len(ts) // 2] for name, ts in got.items()}
-
-
 def _paired_speedup(dense_fn: Callable[[], object], fn: Callable[[], object], *, pairs: int = 41, max_time_s: float = 5.0) -> float:
     """Median of dense/candidate time ratios over back-to-back call pairs (order alternated), CPU only."""
     import statistics
@@ -133,20 +120,6 @@ def _paired_speedup(dense_fn: Callable[[], object], fn: Callable[[], object], *,
         if len(ratios) >= 5 and time.perf_counter() - start > max_time_s:
             break
     return statistics.median(ratios)
-
-
-def _cusparselt_reason(device: torch.device, dtype: torch.dtype, n: int, k: int) -> Optional[str]:
-    from ..ops.sparse24_linear import cusparselt_unsupported_reason
-
-    return cusparselt_unsupported_reason(device, dtype, n, k)
-
-
-def _have_dispatcher() -> bool:
-    try:
-        from ..ops import dispatch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def run_linear24_sweep(
@@ -178,7 +151,8 @@ def run_linear24_sweep(
     Raises:
         ValueError: a layer's in_features not a multiple of 4, or tokens < 1.
     """
-    from ..ops.sparse24_linear import cusparselt_unsupported_reason, sparse24_linear
+    from ..ops.functional import sparse24_linear
+    from ..ops.routing import cusparselt_unsupported_reason
 
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
@@ -203,7 +177,6 @@ def run_linear24_sweep(
     failures: list[str] = []
     gen = torch.Generator().manual_seed(0)
     bar = tqdm(total=len(cases) * len(tokens), desc="linear24", disable=not progress)
-    use_auto = on_gpu and _have_dispatcher()
     for k, n, dt in cases:
         dense_w = random_24_weight(n, k, dt, device, generator=gen)
         w24 = compress_24(dense_w)
@@ -219,8 +192,7 @@ def run_linear24_sweep(
                 fns["triton"] = lambda: sparse24_linear(x, w24, backend="triton")
                 if ss_weight is not None:
                     fns["cusparselt"] = lambda: F.linear(x, ss_weight)
-                if use_auto:
-                    fns["auto"] = lambda: sparse24_linear(x, w24, backend="auto")
+                fns["auto"] = lambda: sparse24_linear(x, w24, backend="auto")
             else:
                 fns["cpu_auto"] = lambda: sparse24_linear(x, w24, backend="auto")
             with torch.inference_mode():
@@ -228,12 +200,13 @@ def run_linear24_sweep(
                 errs: dict[str, Optional[float]] = {"dense": None}
                 for b, fn in list(fns.items())[1:]:
                     try:
-                        errs[b] = _rel_err(fn(), ref)
+                        errs[b] = relative_error(fn(), ref)
                     except Exception as exc:  # a backend that cannot run this case is reported, not hidden
                         failures.append(f"{b} at in={k}, out={n}, M={m}, {dt}: {type(exc).__name__}: {exc}")
                         warnings.warn(f"run_linear24_sweep(): {failures[-1]}", stacklevel=2)
                         del fns[b]
-                timings = _time_rounds(fns, device, rounds=1 if on_gpu else CPU_ROUNDS, rep=20, max_time_s=5.0)
+                rounds = time_rounds(fns, device=device, rounds=1 if on_gpu else CPU_ROUNDS, rep=20, max_time_s=5.0)
+                timings = {b: middle_round(ts) for b, ts in rounds.items()}
                 paired = {} if on_gpu else {b: _paired_speedup(fns["dense"], fn) for b, fn in fns.items()}
             dense_ms = timings["dense"].median_ms
             for backend, t in timings.items():
@@ -286,7 +259,7 @@ def cpu_design_study(
     from tqdm.auto import tqdm
 
     from ..nn.linear import SparseLinear
-    from ..ops.sparse24_linear import expand_24, sparse24_linear
+    from ..ops.functional import sparse24_linear
 
     device = torch.device("cpu")
     rows: list[Linear24Row] = []
@@ -307,7 +280,7 @@ def cpu_design_study(
             x = torch.randn(m, k, generator=gen)
             fns: dict[str, Callable[[], torch.Tensor]] = {
                 "dense": lambda: F.linear(x, dense_w),
-                "expand_per_call": lambda: F.linear(x, expand_24(w24.values, w24.meta, k)),
+                "expand_per_call": lambda: F.linear(x, Sparse24Weight(w24.values, w24.meta, (n, k)).to_dense()),
                 "cached_dense": lambda: sparse24_linear(x, w24, backend="auto"),
                 "torch_sparse_csr": lambda: torch.mm(csr, x.t()).t(),
             }
@@ -318,9 +291,10 @@ def cpu_design_study(
             fns["sparse_linear"] = lambda: slin(x)
             with torch.inference_mode():
                 ref = fns["dense"]()
-                errs = {nm: (None if nm in ("dense", "nn_linear") else _rel_err(fn(), ref)) for nm, fn in fns.items()}
-                errs["sparse_linear"] = _rel_err(slin(x), lin(x))
-                timings = _time_rounds(fns, device, rounds=CPU_ROUNDS, rep=20, max_time_s=5.0)
+                errs = {nm: (None if nm in ("dense", "nn_linear") else relative_error(fn(), ref)) for nm, fn in fns.items()}
+                errs["sparse_linear"] = relative_error(slin(x), lin(x))
+                rounds = time_rounds(fns, device=device, rounds=CPU_ROUNDS, rep=20, max_time_s=5.0)
+                timings = {nm: middle_round(ts) for nm, ts in rounds.items()}
                 paired = {nm: _paired_speedup(fns["dense"], fn) for nm, fn in fns.items() if nm != "sparse_linear"}
                 paired["nn_linear"] = 1.0
                 paired["sparse_linear"] = _paired_speedup(fns["nn_linear"], fns["sparse_linear"])
@@ -348,20 +322,26 @@ def cpu_design_study(
     return rows
 
 
-_COLUMNS = (
-    ("in_features", "in", ""),
-    ("out_features", "out", ""),
-    ("tokens", "M", ""),
-    ("dtype", "dtype", ""),
-    ("backend", "backend", ""),
-    ("median_ms", "median ms", ".4f"),
-    ("iqr_ms", "IQR ms", ".4f"),
+# The timing columns of a sweep row (Linear24Row here, LayerRow in the layer suite).
+SWEEP_TIMING_COLUMNS = (
+    ("median_ms", "median (ms)", ".4f"),
+    ("iqr_ms", "± IQR (ms)", ".4f"),
     ("speedup_vs_dense", "speedup vs dense", ".2f"),
-    ("gb_per_s", "GB/s", ".1f"),
-    ("tflop_per_s", "TFLOP/s", ".3f"),
-    ("paired_speedup", "paired speedup", ".2f"),
-    ("rel_err_vs_dense", "rel err vs dense", ".1e"),
 )
+
+
+def kernel_columns(device: torch.device | str) -> tuple:
+    """The report columns of :class:`Linear24Row` dicts measured on ``device``: the % of the roofline on a GPU
+    (rows given ``roofline_pct`` by :func:`~sparsekernels.benchmarks.measure.add_roofline`), the paired
+    speedup on the CPU (where it is measured)."""
+    on_gpu = torch.device(device).type == "cuda"
+    return (
+        ("in_features", "in", "d"), ("out_features", "out", "d"), ("tokens", "M", "d"), ("dtype", "dtype"),
+        ("backend", "backend"), *SWEEP_TIMING_COLUMNS, ("gb_per_s", "GB/s", ".1f"), ("tflop_per_s", "TFLOP/s", ".3f"),
+        ("roofline_pct", "% roofline", ".1f") if on_gpu else ("paired_speedup", "paired speedup", ".2f"),
+        ("rel_err_vs_dense", "rel. err vs dense", ".1e"),
+    )
+
 
 _NOTES = (
     "Speedup = dense median / this median (higher is better). GB/s counts the weight (compressed for the "
@@ -383,14 +363,16 @@ def write_results(
 ) -> tuple[Path, Path]:
     """Write ``rows`` with the environment stamp to ``<out_dir>/<device_slug>/<stem>.json`` and ``.md``.
 
-    Uses the project's report writer (:func:`sparsekernels.bench.report.write_report`).
+    Uses the project's report writer (:func:`sparsekernels.benchmarks.report.write_report`).
     """
     from .report import write_report
 
+    dicts = [r.as_dict() for r in rows]
+    add_roofline(dicts, device)
     files = write_report(
         stem,
-        [r.as_dict() for r in rows],
-        _COLUMNS,
+        dicts,
+        kernel_columns(device),
         out_dir=results_dir_for(device, out_dir),
         device=device,
         title=title,

@@ -1,6 +1,6 @@
 """Report writers: every benchmark result lands as JSON (the data) + Markdown (the table people read) and,
 where it helps, PNG plots, under ``benchmarks/results/<device_slug>/``, stamped with
-:func:`~sparsekernels.bench.environment.environment_stamp`.
+:func:`~sparsekernels.environment.environment_stamp`.
 
 The JSON schema (``"schema": "sparsekernels.report/1"``)::
 
@@ -8,7 +8,7 @@ The JSON schema (``"schema": "sparsekernels.report/1"``)::
      "columns": [{"key": "latency_ms", "header": "latency (ms)", "fmt": ".2f"}, ...],
      "rows": [{...}, ...], "notes": "...", "meta": {...}}
 
-``sparsekernels.app.readme`` renders the README's results section from these files, so the README tables are
+``sparsekernels.benchmarks.readme`` renders the README's results section from these files, so the README tables are
 always the files' tables. Plots use matplotlib's non-interactive Agg backend (no display needed).
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .environment import device_slug, environment_stamp
+from ..environment import device_slug, environment_stamp
 
 __all__ = [
     "SCHEMA",
+    "SUITE_SCHEMA",
     "Column",
     "ReportFiles",
     "default_results_root",
@@ -42,6 +43,8 @@ __all__ = [
 ]
 
 SCHEMA = "sparsekernels.report/1"
+# A file of several reports (the GPU suite's): {"schema": SUITE_SCHEMA, "sections": [report, ...], ...}
+SUITE_SCHEMA = "sparsekernels.suite/1"
 
 
 @dataclass(frozen=True)

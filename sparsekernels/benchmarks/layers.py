@@ -14,7 +14,7 @@ the issue's bar is that no ``auto`` row falls below 0.97x of dense; :func:`run_l
 the minimum in the report's metadata.
 
 Results go to ``benchmarks/results/<device_slug>/layers[_quick].{json,md}`` with the environment
-stamp (:mod:`sparsekernels.bench.report`).
+stamp (:mod:`sparsekernels.benchmarks.report`).
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .timing import Timing, time_fn
+from ..timing import Timing
+from .kernels import SWEEP_TIMING_COLUMNS, random_24_weight
+from .measure import least_disturbed, relative_error, time_rounds
 
 __all__ = [
     "ConvShape",
@@ -128,35 +130,12 @@ def resnet50_conv_shapes(image_size: int = 224) -> list[ConvShape]:
     return [ConvShape(name, *key, count) for key, (name, count) in seen.items() if key[0] % 4 == 0]
 
 
-def _random_24(shape: tuple[int, ...], dtype, device, gen) -> torch.Tensor:
-    """Random dense weight, exactly 2 of every 4 consecutive input channels kept (channels-last for convs)."""
-    out = shape[0]
-    if len(shape) == 4:  # [out, in, kh, kw] -> channels-last groups
-        cin, kh, kw = shape[1:]
-        flat = _random_24((out, kh * kw * cin), dtype, device, gen)
-        return flat.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
-    k = shape[1]
-    w = torch.randn(out, k, generator=gen)
-    keep = torch.rand(out, k // 4, 4, generator=gen).argsort(-1) < 2
-    return (w * keep.reshape(out, k)).to(device=device, dtype=dtype)
-
-
-def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-def _time_rounds(fns: dict[str, Callable[[], object]], device: torch.device, rounds: int, **kw) -> dict[str, Timing]:
-    """Round-robin timing; per candidate the round with the lowest median.
-
-    Other processes on a shared CPU only ever add time, so the least-disturbed round is the best
-    estimate of a candidate's own cost, and interleaving gives every candidate the same chances.
-    """
-    got: dict[str, list[Timing]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            got[name].append(time_fn(fn, device=device, **kw))
-    return {name: min(ts, key=lambda t: t.median_ms) for name, ts in got.items()}
+def _random_24_conv(shape: tuple[int, int, int, int], dtype, device, gen) -> torch.Tensor:
+    """Random dense conv weight ``[out, in, kh, kw]``, exactly 2 of every 4 consecutive input channels of the
+    channels-last ``[out, kh, kw, in]`` view kept (the groups the 2:4 conv runs along)."""
+    out, cin, kh, kw = shape
+    flat = random_24_weight(out, kh * kw * cin, dtype, device, generator=gen)
+    return flat.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
 
 
 def _auto_choice(fn: Callable[[], object], device: torch.device) -> Optional[str]:
@@ -177,8 +156,9 @@ def _measure(fns, device, rounds: int, rep: int) -> tuple[dict[str, Timing], dic
     with torch.inference_mode():
         ref = fns["dense"]()
         choice = _auto_choice(fns["auto"], device)
-        errs = {b: (None if b == "dense" else _rel_err(fn(), ref)) for b, fn in fns.items()}
-        timings = _time_rounds(fns, device, rounds=rounds, rep=rep, max_time_s=5.0)
+        errs = {b: (None if b == "dense" else relative_error(fn(), ref)) for b, fn in fns.items()}
+        per_round = time_rounds(fns, device=device, rounds=rounds, rep=rep, max_time_s=5.0)
+        timings = {b: least_disturbed(ts) for b, ts in per_round.items()}
     return timings, errs, choice
 
 
@@ -228,7 +208,7 @@ def measure_layers(
         tokens: Linear token counts (default :data:`TOKENS` on the GPU, :data:`CPU_TOKENS` on the CPU).
         conv_batches: conv batch sizes (default :data:`CONV_BATCHES` on the GPU, 1 on the CPU).
         progress: show a progress bar.
-        rep: timed runs per measurement (at least; see :func:`~sparsekernels.bench.timing.time_fn`).
+        rep: timed runs per measurement (at least; see :func:`~sparsekernels.timing.time_fn`).
         rounds: interleaved timing rounds per layer, the lowest median kept (default 1 on the GPU, 5 on
             the CPU).
         budget_s: stop starting new layers after this many seconds (None: no limit). Layers are visited
@@ -242,8 +222,8 @@ def measure_layers(
     """
     fn = "measure_layers()"
     from ..formats.sparse24 import compress_24
-    from ..ops.sparse24_conv2d import sparse24_conv2d
-    from ..ops.sparse24_linear import cusparselt_unsupported_reason, sparse24_linear
+    from ..ops.functional import sparse24_conv2d, sparse24_linear
+    from ..ops.routing import cusparselt_unsupported_reason
 
     known = ("resnet50", *LINEAR_SUITES)
     for s in suites:
@@ -289,7 +269,7 @@ def measure_layers(
             break
         if suite == "resnet50-conv":
             s: ConvShape = shape
-            w = _random_24((s.out_channels, s.in_channels, *s.kernel_size), dt, device, gen)
+            w = _random_24_conv((s.out_channels, s.in_channels, *s.kernel_size), dt, device, gen)
             w24 = compress_24(w.permute(0, 2, 3, 1).reshape(s.out_channels, -1))
             x = torch.randn(count, s.in_channels, s.height, s.width, generator=gen).to(device=device, dtype=dt)
             if on_gpu:
@@ -309,7 +289,7 @@ def measure_layers(
             layer = s.describe()
         else:
             k, n = shape
-            w = _random_24((n, k), dt, device, gen)
+            w = random_24_weight(n, k, dt, device, generator=gen)
             w24 = compress_24(w)
             x = torch.randn(count, k, generator=gen).to(device=device, dtype=dt)
             fns = {"dense": (lambda x=x, w=w: F.linear(x, w))}
@@ -412,17 +392,9 @@ def layer_suite_sections(
 
 
 _COLUMNS = (
-    ("suite", "suite", ""),
-    ("layer", "layer", ""),
-    ("tokens", "tokens / batch", "d"),
-    ("dtype", "dtype", ""),
-    ("backend", "backend", ""),
-    ("choice", "auto ran", ""),
-    ("median_ms", "median (ms)", ".4f"),
-    ("iqr_ms", "IQR (ms)", ".4f"),
-    ("speedup_vs_dense", "vs dense", ".2f"),
-    ("tflop_per_s", "TFLOP/s (dense-equiv.)", ".3f"),
-    ("rel_err_vs_dense", "rel err vs dense", ".1e"),
+    ("suite", "suite"), ("layer", "layer"), ("tokens", "tokens / batch", "d"), ("dtype", "dtype"),
+    ("backend", "backend"), ("choice", "auto ran"), *SWEEP_TIMING_COLUMNS,
+    ("tflop_per_s", "TFLOP/s (dense-equiv.)", ".3f"), ("rel_err_vs_dense", "rel. err vs dense", ".1e"),
 )
 
 

@@ -16,8 +16,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ..ops import dispatch
-from .swap import _table, sparse_module_types
+from .nn import sparse_module_types
+from .ops import dispatch
+from .tables import format_table
 
 __all__ = ["tune", "explain", "Explanation", "LayerExplanation"]
 
@@ -80,7 +81,7 @@ class Explanation:
                         times.append("-")
                 speedup = d.speedup_over_dense()
                 rows.append((*base, d.key, d.choice, *times, "-" if speedup is None else f"{speedup:.2f}x"))
-        lines = ["sparse layers and their backends:"] + _table(header, rows)
+        lines = ["sparse layers and their backends:"] + format_table(header, rows)
         notes: dict[str, list[str]] = {}
         for layer in self.layers:
             notes.setdefault(layer.note, []).append(layer.name)
@@ -190,14 +191,6 @@ def _pair(v) -> str:
     return str(v)
 
 
-def _weight(module: nn.Module) -> torch.Tensor | None:
-    for name in ("weight_values", "block_values"):
-        t = getattr(module, name, None)
-        if isinstance(t, torch.Tensor):
-            return t
-    return next(iter(module.parameters()), None)
-
-
 def _note(module: nn.Module, device: torch.device, backend: str, tuned: bool) -> str:
     if backend != "auto":
         return f"fixed backend {backend!r} (no dispatch)"
@@ -207,15 +200,7 @@ def _note(module: nn.Module, device: torch.device, backend: str, tuned: bool) ->
         return "auto on CUDA: not measured yet; decided on first call, or run sparsekernels.tune(model, inputs)"
     if device.type == "meta":
         return "on the meta device: load weights first"
-    kind = type(module).__name__
-    if kind == "BlockSparseLinear":
-        return ("auto on CPU: no measuring; the block-sparse reference when >= 16 rows and <= 12.5 % of blocks "
-                "kept, else F.linear on a dense copy cached per weight (see docs/conv-and-block.md)")
-    if kind == "SparseConv2d":
-        return ("auto on CPU: no measuring; F.conv2d on a dense copy of the weight expanded once and cached "
-                "(see docs/conv-and-block.md); the state_dict stays compressed")
-    return ("auto on CPU: no measuring; F.linear on a dense copy of the weight expanded once and cached "
-            "(measured within 1.1x of dense, see docs/sparse24.md); the state_dict stays compressed")
+    return f"auto on CPU: no measuring; {module.cpu_note}"
 
 
 def explain(model: nn.Module, example_inputs=None, *, print_report: bool = True, file=None) -> Explanation:
@@ -239,7 +224,7 @@ def explain(model: nn.Module, example_inputs=None, *, print_report: bool = True,
         tune(model, example_inputs, progress=False)
     layers = []
     for name, module in _sparse_layers(model):
-        w = _weight(module)
+        w = next(iter(module.parameters()), None)
         device = w.device if w is not None else torch.device("cpu")
         backend = str(getattr(module, "backend", "auto"))
         found = []
@@ -253,7 +238,7 @@ def explain(model: nn.Module, example_inputs=None, *, print_report: bool = True,
                 module_type=type(module).__name__,
                 shape=_shape(module),
                 device=str(device),
-                dtype=str(w.dtype).replace("torch.", "") if w is not None else "?",
+                dtype=str(module.weight_dtype).replace("torch.", ""),
                 backend=backend,
                 decisions=tuple(found),
                 note=_note(module, device, backend, bool(found)),

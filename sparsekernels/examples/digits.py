@@ -55,6 +55,11 @@ def load_digits_data(test_fraction: float = 0.25, seed: int = 0) -> DigitsData:
     return DigitsData(to_ds(x_tr, y_tr), to_ds(x_te, y_te))
 
 
+def _conv_bn_relu(cin: int, cout: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """A 3x3 convolution (no bias: BatchNorm follows), BatchNorm and ReLU."""
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+
+
 class DigitsCNN(nn.Module):
     """A small VGG-style CNN for 8x8 digits: three conv-BN-ReLU stages, global pooling, a 2-layer head.
 
@@ -67,20 +72,14 @@ class DigitsCNN(nn.Module):
         if width < 1:
             raise ValueError(f"DigitsCNN: expected width >= 1, got {width}")
         w1, w2, w3 = width, 2 * width, 4 * width
+        # one flat Sequential (not nested stages): the layer names features.0, features.1, ... are what saved
+        # state dicts and the tests refer to
         self.features = nn.Sequential(
-            nn.Conv2d(1, w1, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w1, w2, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w2),
-            nn.ReLU(inplace=True),
+            *_conv_bn_relu(1, w1),
+            *_conv_bn_relu(w1, w2),
             nn.MaxPool2d(2),
-            nn.Conv2d(w2, w3, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w3),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w3, w3, 3, padding=1, bias=False),
-            nn.BatchNorm2d(w3),
-            nn.ReLU(inplace=True),
+            *_conv_bn_relu(w2, w3),
+            *_conv_bn_relu(w3, w3),
             nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Sequential(

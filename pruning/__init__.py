@@ -3,6 +3,8 @@
 What passes to the runtime is plain tensors, masks and state dicts. Public names are resolved lazily.
 
     pruning.batches       the batch contract: Tensor / Mapping / (inputs, targets), calling the model
+    pruning.transaction   all or nothing: snapshot a model, put it back when an operation fails
+    pruning.plan_schema   the trust boundary of plan files (schema and limits)
     pruning.registry      the name -> entry tables users extend (criteria, tracer op handlers)
     pruning.patterns      N:M, unstructured and block masks
     pruning.masks         the weight_mask buffer a pruned layer carries
@@ -40,6 +42,10 @@ _EXPORTS = {
     "FinetuneConfig": "pruning.training",
     "l1_penalty": "pruning.training",
     "l2_penalty": "pruning.training",
+    # all or nothing
+    "ModelSnapshot": "pruning.transaction",
+    "all_or_nothing": "pruning.transaction",
+    "read_only": "pruning.transaction",
     # persistence
     "remove_masks": "pruning.plan",
     "save_plan": "pruning.plan",

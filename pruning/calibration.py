@@ -126,9 +126,9 @@ def collect_input_statistics(
 
     Raises:
         TypeError: ``calib`` is not an iterable of batches.
-        ValueError: ``calib`` is empty.
+        ValueError: ``calib`` is empty, or a layer's inputs hold NaN or inf (the message names the layer).
     """
-    fn = "collect_input_statistics()"
+    fn = "calibration"
     check_batches(fn, calib)
     stats: dict[str, InputStatistics] = {}
 
@@ -139,6 +139,10 @@ def collect_input_statistics(
         def hook(mod, args, kwargs=None):
             x = args[0] if args else next(iter((kwargs or {}).values()))
             cols = layer_input_columns(module, x.detach()).to(dtype)
+            if not bool(torch.isfinite(cols).all()):
+                raise ValueError(f"{fn}: layer {name or '<model>'!r} received NaN or inf inputs in calibration batch "
+                                 f"{seen} (non-finite calibration data, or an earlier layer overflowed); refusing "
+                                 "to compute statistics from them")
             st = stats.get(name)
             if st is None:
                 st = stats[name] = InputStatistics(
@@ -204,7 +208,8 @@ def accumulate_taylor(
 
     Raises:
         TypeError: ``calib`` not iterable, ``loss_fn`` not callable, or the loss is not a scalar tensor.
-        ValueError: ``calib`` is empty, or the loss carries no gradient (computed under ``no_grad`` / detached).
+        ValueError: ``calib`` is empty, a loss is NaN / inf, or the loss carries no gradient (computed under
+            ``no_grad`` / detached).
     """
     check_batches(fn, calib)
     if not callable(loss_fn):
@@ -224,6 +229,9 @@ def accumulate_taylor(
                 if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                     got = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
                     raise TypeError(f"{fn}: expected loss_fn to return a scalar tensor, got {got}")
+                if not bool(torch.isfinite(loss.detach()).all()):
+                    raise ValueError(f"{fn}: the loss of calibration batch {seen} is {float(loss.detach()):g}; Taylor "
+                                     "scores need a finite loss (check the calibration data and the model's outputs)")
                 if not loss.requires_grad:
                     raise ValueError(
                         f"{fn}: expected a loss computed from the model's weights (requires_grad=True), got a loss "

@@ -65,6 +65,7 @@ __all__ = [
     "pattern_labels",
     "magnitude_scores",
     "wanda_scores",
+    "check_finite_scores",
 ]
 
 # Layers whose ``weight`` is a per-channel scale (network slimming's gamma).
@@ -83,6 +84,23 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
 def _rows(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """``scores`` as float64 rows, one per index of ``dim`` (the slice of that channel), on the CPU."""
     return scores.detach().to("cpu", torch.float64).movedim(dim, 0).reshape(scores.shape[dim], -1)
+
+
+def check_finite_scores(criterion: str, what: str, scores: torch.Tensor) -> None:
+    """Refuse scores that hold NaN or inf: ranking them would give an arbitrary mask.
+
+    Args:
+        criterion: the criterion's name; what: the layer or parameter, as the message names it.
+        scores: any real tensor.
+
+    Raises:
+        ValueError: ``scores`` holds NaN or inf (the message counts them and names ``what``).
+    """
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"importance {criterion!r}: {what} has {bad} NaN/inf score(s) of {scores.numel()}; its "
+                         "weights or the calibration data (inputs, loss) hold NaN or inf, so no mask can be chosen")
 
 
 def is_norm_scale(model: nn.Module, name: str) -> bool:
@@ -309,11 +327,13 @@ class Wanda(ScoreCriterion):
             module = model.get_submodule(mod_name)
             if attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)) and getattr(module, "groups", 1) == 1:
                 layers[n] = module
-        stats = collect_input_statistics(model, layers, calib, progress=progress) if layers else {}
+        # statistics are keyed by layer name, so a refusal (non-finite inputs) names the layer
+        by_layer = {n.rpartition(".")[0]: m for n, m in layers.items()}
+        stats = collect_input_statistics(model, by_layer, calib, progress=progress) if layers else {}
         return {
-            n: matrix_to_weight(wanda_scores(weight_matrix(m.weight.detach()), stats[n].sq_norms), m.weight.shape)
+            n: matrix_to_weight(wanda_scores(weight_matrix(m.weight.detach()), stats[layer].sq_norms), m.weight.shape)
             for n, m in layers.items()
-            if n in stats
+            if (layer := n.rpartition(".")[0]) in stats
         }
 
 

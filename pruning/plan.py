@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +22,18 @@ import torch
 from torch import nn
 
 from .masks import MASK_NAME, attach_mask, detach_mask, get_mask, mask_info, masked_modules
+from .plan_schema import PLAN_FORMAT, PLAN_VERSION, read_plan_json, read_plan_tensors
+from .transaction import all_or_nothing
 from .weights import LayerPruning, PruningReport
 
 __all__ = ["remove_masks", "save_plan", "load_plan", "apply_plan", "PruningPlan", "PLAN_FORMAT", "PLAN_VERSION"]
-
-PLAN_FORMAT = "pruning-plan"
-PLAN_VERSION = 1
-
 
 def remove_masks(model: nn.Module) -> list[str]:
     """Drop every ``weight_mask`` buffer, leaving plain weights with their zeros.
 
     The weights are multiplied by their masks one last time, so the zeros are exact even if something
     wrote to them since the last enforcement. Afterwards ``model.state_dict()`` has exactly the keys of
-    an unpruned instance.
+    an unpruned instance. All or nothing: on an error no mask is removed.
 
     Returns:
         Names of the modules whose masks were removed.
@@ -44,11 +43,11 @@ def remove_masks(model: nn.Module) -> list[str]:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_masks(): expected an nn.Module, got {type(model).__name__}")
-    removed = []
-    for name, module in list(masked_modules(model)):
-        detach_mask(module)
-        removed.append(name)
-    return removed
+    masked = list(masked_modules(model))
+    with all_or_nothing(model, tensors=[module.weight for _, module in masked]):
+        for _, module in masked:
+            detach_mask(module)
+    return [name for name, _ in masked]
 
 
 @dataclass(frozen=True)
@@ -75,8 +74,33 @@ def _plan_paths(path) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def _replace_together(files: dict[Path, bytes]) -> None:
+    """Write every ``path: data`` to a temporary file beside it, then rename each into place, in order: a
+    failure before the renames leaves every old file as it was."""
+    staged = []
+    try:
+        for path, data in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+            staged.append((Path(tmp), path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # what a plain open() would have made; mkstemp makes it private
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
 def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple[Path, Path]:
     """Save the masks of ``model`` (and their metadata) as ``<path>.safetensors`` + ``<path>.json``.
+
+    Both files are written to temporary files first and renamed into place together (the JSON last), so an
+    error or an interruption leaves any earlier plan at ``path`` whole.
 
     Args:
         model: a model with masks (from :func:`pruning.prune_weights` or :func:`apply_plan`).
@@ -90,7 +114,7 @@ def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple
         TypeError: ``model`` is not a module, or a bad path type.
         ValueError: the model has no masks.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"save_plan(): expected an nn.Module, got {type(model).__name__}")
@@ -113,58 +137,52 @@ def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple
         raise ValueError("save_plan(): the model has no masks to save (prune it first with pruning.prune_weights)")
     meta = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "has_weights": bool(include_weights), "layers": layers}
     tensor_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tensor_path), metadata={"format": PLAN_FORMAT, "version": str(PLAN_VERSION)})
-    json_path.write_text(json.dumps(meta, indent=2) + "\n")
+    blob = save(tensors, metadata={"format": PLAN_FORMAT, "version": str(PLAN_VERSION)})
+    _replace_together({tensor_path: blob, json_path: (json.dumps(meta, indent=2) + "\n").encode()})
     return tensor_path, json_path
 
 
 def load_plan(path) -> PruningPlan:
-    """Load a plan written by :func:`save_plan` (``path`` as given to it).
+    """Load a plan written by :func:`save_plan` (``path`` as given to it), trusting nothing in the files.
+
+    Both files are checked against the plan schema before any tensor is read (:mod:`pruning.plan_schema`:
+    types, shapes, ranges, sizes within :data:`pruning.plan_schema.PLAN_LIMITS`, and the two files agreeing
+    with each other); neither file can execute code.
 
     Raises:
         FileNotFoundError: either file is missing.
-        ValueError: not a pruning plan, an unsupported version, or the two files disagree (a layer
-            without a mask, a mask without metadata, a shape or dtype mismatch).
+        ValueError: anything wrong in either file: one message naming the file, the entry and the problem.
     """
-    from safetensors.torch import load_file
-
     tensor_path, json_path = _plan_paths(path)
     for p in (tensor_path, json_path):
         if not p.is_file():
             raise FileNotFoundError(f"load_plan(): expected the plan file {p}, which does not exist")
-    try:
-        meta = json.loads(json_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"load_plan(): {json_path} is not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != PLAN_FORMAT:
-        raise ValueError(f"load_plan(): expected a {PLAN_FORMAT!r} JSON file, got format={meta.get('format')!r}"
-                         if isinstance(meta, dict) else f"load_plan(): expected a JSON object in {json_path}")
-    if meta.get("version") != PLAN_VERSION:
-        raise ValueError(f"load_plan(): expected plan version {PLAN_VERSION}, got {meta.get('version')!r}")
-    layers = meta.get("layers")
-    if not isinstance(layers, dict):
-        raise ValueError(f"load_plan(): expected a 'layers' object in {json_path}")
-    tensors = load_file(str(tensor_path))
-    masks, weights = {}, {}
-    for name, info in layers.items():
-        key = f"{name}.{MASK_NAME}"
-        if key not in tensors:
-            raise ValueError(f"load_plan(): layer {name!r} is in {json_path.name} but has no mask in {tensor_path.name}")
-        mask = tensors.pop(key)
-        if mask.dtype != torch.bool or list(mask.shape) != list(info.get("weight_shape", [])):
-            raise ValueError(
-                f"load_plan(): mask of {name!r} is {mask.dtype} {list(mask.shape)}, expected torch.bool "
-                f"{info.get('weight_shape')}"
-            )
-        masks[name] = mask
-        if meta.get("has_weights"):
-            wkey = f"{name}.weight"
-            if wkey not in tensors:
-                raise ValueError(f"load_plan(): plan says it has weights but {wkey!r} is missing")
-            weights[name] = tensors.pop(wkey)
-    if tensors:
-        raise ValueError(f"load_plan(): {tensor_path.name} has tensors not described in {json_path.name}: {sorted(tensors)}")
-    return PruningPlan(masks, {k: dict(v) for k, v in layers.items()}, weights)
+    layers, has_weights = read_plan_json(json_path)
+    masks, weights = read_plan_tensors(tensor_path, json_path.name, layers, has_weights)
+    return PruningPlan(masks, layers, weights)
+
+
+def _check_plan(plan: PruningPlan) -> None:
+    """Check a plan built in Python as :func:`load_plan` checks the files (types, dtypes, shapes, finite weights)."""
+    fn = "apply_plan()"
+    for label, table in (("masks", plan.masks), ("layers", plan.layers), ("weights", plan.weights)):
+        if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+            raise TypeError(f"{fn}: expected plan.{label} as a dict keyed by layer name")
+    for name, mask in plan.masks.items():
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{fn}: plan.masks[{name!r}]: expected a torch.bool tensor, got "
+                            f"{getattr(mask, 'dtype', type(mask).__name__)}")
+        info = plan.layers.get(name, {})
+        if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("pattern", "importance")):
+            raise TypeError(f"{fn}: plan.layers[{name!r}]: expected a dict with str 'pattern' and 'importance'")
+    for name, weight in plan.weights.items():
+        if name not in plan.masks:
+            raise ValueError(f"{fn}: plan.weights[{name!r}] has no mask in plan.masks")
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError(f"{fn}: plan.weights[{name!r}]: expected a floating-point tensor, got "
+                            f"{getattr(weight, 'dtype', type(weight).__name__)}")
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError(f"{fn}: plan.weights[{name!r}] holds NaN or inf")
 
 
 def apply_plan(model: nn.Module, plan) -> PruningReport:
@@ -172,19 +190,21 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
 
     Every layer is checked before anything changes: the name must exist, be a Linear / Conv2d, and have
     the recorded weight shape. The masked weights become zero; with a plan saved with
-    ``include_weights=True`` each layer's weight is replaced by the saved one.
+    ``include_weights=True`` each layer's weight is replaced by the saved one. All or nothing: on any
+    error the model is left exactly as it was.
 
     Args:
         model: the model to prune.
-        plan: a :class:`PruningPlan` or the path given to :func:`save_plan`.
+        plan: a :class:`PruningPlan` or the path given to :func:`save_plan` (read with :func:`load_plan`).
 
     Returns:
         A :class:`pruning.PruningReport` of the applied layers.
 
     Raises:
-        TypeError: ``model`` is not a module or ``plan`` is neither a plan nor a path.
+        TypeError: ``model`` is not a module or ``plan`` is neither a plan nor a path; a plan whose tables
+            hold the wrong types.
         ValueError: a layer is missing, of another type, or has another shape (all mismatches are
-            listed); the model is not modified.
+            listed); a bad plan file (see :func:`load_plan`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_plan(): expected an nn.Module, got {type(model).__name__}")
@@ -193,6 +213,7 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
             plan = load_plan(plan)
         else:
             raise TypeError(f"apply_plan(): expected a PruningPlan or a path, got {type(plan).__name__}")
+    _check_plan(plan)
     modules = dict(model.named_modules())
     problems = []
     for name, mask in plan.masks.items():
@@ -207,17 +228,19 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
             problems.append(f"{name!r}: saved weight shape {tuple(plan.weights[name].shape)} != mask shape")
     if problems:
         raise ValueError("apply_plan(): the plan does not fit this model:\n  " + "\n  ".join(problems))
+    names = [n for n in modules if n in plan.masks]  # the model's order
     layers = []
-    for name in [n for n in modules if n in plan.masks]:  # the model's order
-        mask = plan.masks[name]
-        module = modules[name]
-        info = plan.layers.get(name, {})
-        if name in plan.weights:
-            with torch.no_grad():
-                module.weight.copy_(plan.weights[name].to(module.weight.device, module.weight.dtype))
-        attach_mask(module, mask, pattern=info.get("pattern", "custom"), importance=info.get("importance", "custom"))
-        pattern, importance = info.get("pattern", "custom"), info.get("importance", "custom")
-        layers.append(LayerPruning.of(name, module, mask, pattern, importance))
+    with all_or_nothing(model, tensors=[modules[n].weight for n in names]):
+        for name in names:
+            mask = plan.masks[name]
+            module = modules[name]
+            info = plan.layers.get(name, {})
+            pattern, importance = info.get("pattern", "custom"), info.get("importance", "custom")
+            if name in plan.weights:
+                with torch.no_grad():
+                    module.weight.copy_(plan.weights[name].to(module.weight.device, module.weight.dtype))
+            attach_mask(module, mask, pattern=pattern, importance=importance)
+            layers.append(LayerPruning.of(name, module, mask, pattern, importance))
     patterns = sorted({layer.pattern for layer in layers})
     criteria = sorted({layer.importance for layer in layers})
     return PruningReport(",".join(patterns), ",".join(criteria), tuple(layers), ())

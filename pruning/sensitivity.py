@@ -37,6 +37,7 @@ from .batches import (
 )
 from .importance import ScoreCriterion, criterion_names, resolve_importance
 from .patterns import matrix_to_weight, parse_pattern
+from .transaction import read_only
 from .weights import layer_scores, scores_to_mask, select_layers
 
 __all__ = ["sensitivity_analysis", "SensitivityResult"]
@@ -240,9 +241,9 @@ def sensitivity_analysis(
     bar = progress_bar(total=len(scores) * len(levels), desc="sensitivity", enabled=progress)
     for name, score in scores.items():
         module = sel.selected[name]
-        saved = module.weight.detach().clone()
         values = []
-        try:
+        with read_only(model, tensors=[module.weight]):  # the layer's weight is put back after its levels
+            saved = module.weight.detach().clone()
             for level in levels:
                 level_mask = scores_to_mask(score, pat, None if pat.kind == "nm" else level, False)
                 keep = matrix_to_weight(level_mask, saved.shape)
@@ -255,9 +256,6 @@ def sensitivity_analysis(
                     err = sum(float((y - y0).square().sum()) for y, y0 in zip(out, dense))
                     values.append(math.sqrt(err / max(dense_sq, 1e-300)))
                 bar.update(1)
-        finally:
-            with torch.no_grad():
-                module.weight.copy_(saved)
         curves[name] = tuple(values)
     bar.close()
     return SensitivityResult(

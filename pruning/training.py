@@ -30,6 +30,7 @@ from .batches import (
 )
 from .masks import get_mask, masked_modules
 from .patterns import parse_pattern
+from .transaction import ModelSnapshot
 from .weights import PruningReport, prune_weights
 
 __all__ = [
@@ -278,10 +279,14 @@ class GradualPruner:
         return 0 <= offset <= self.total_steps and (offset % self.frequency == 0 or offset == self.total_steps)
 
     def step(self) -> PruningReport | None:
-        """Advance one training step; prune if the schedule says so. Returns the report when it pruned."""
+        """Advance one training step; prune if the schedule says so. Returns the report when it pruned.
+
+        All or nothing: if pruning raises, the model and the pruner (its step count, its reports) are left as
+        they were, so the same step can be tried again.
+        """
         step = self.current_step
-        self.current_step += 1
         if not self.is_pruning_step(step):
+            self.current_step = step + 1
             return None
         report = prune_weights(
             self.model,
@@ -293,6 +298,7 @@ class GradualPruner:
             filter_fn=self.filter_fn,
             progress=self.progress,
         )
+        self.current_step = step + 1
         self.reports.append((step, report))
         return report
 
@@ -417,7 +423,12 @@ def finetune(
 
     Raises:
         TypeError: bad argument types, unknown keyword, or a batch the default loss cannot handle.
-        ValueError: invalid settings, empty ``data``, or a one-shot iterator with ``epochs > 1``.
+        ValueError: invalid settings, empty ``data``, a one-shot iterator with ``epochs > 1``, or a NaN / inf
+            loss (refused before it reaches the weights).
+        Any error before the first optimizer step (a bad batch, a failing forward or loss, Ctrl-C) leaves
+        ``model`` exactly as it was (:mod:`pruning.transaction`: values, BatchNorm statistics, ``.grad``,
+        modes, hooks). After it, an error stops training where it is: the weights keep the steps taken, the
+        masks stay enforced, and the modes are restored.
     """
     fn = "finetune()"
     if not isinstance(model, nn.Module):
@@ -444,8 +455,6 @@ def finetune(
 
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    device = model_device(model)
-    teacher_device = model_device(teacher) if teacher is not None else None
     if cfg.optimizer == "adamw":
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
@@ -458,6 +467,24 @@ def finetune(
     if cfg.schedule == "cosine" and total_steps:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 
+    # Until the first optimizer step an error puts the model back whole; the copy is dropped at that step.
+    snapshot = ModelSnapshot(model)
+    try:
+        losses = _train(model, data, loss_fn, cfg, teacher, pruner, opt, sched, params, total_steps, progress,
+                        snapshot)
+    except BaseException:
+        if snapshot.restorable:
+            snapshot.restore()
+        raise
+    return losses
+
+
+def _train(model, data, loss_fn, cfg: FinetuneConfig, teacher, pruner, opt, sched, params, total_steps, progress,
+           snapshot) -> list[float]:
+    """The loop of :func:`finetune`; calls ``snapshot.release()`` after the first optimizer step."""
+    fn = "finetune()"
+    device = model_device(model)
+    teacher_device = model_device(teacher) if teacher is not None else None
     enforce_masks(model)
     losses: list[float] = []
     step = 0
@@ -494,16 +521,21 @@ def finetune(
                     loss = loss + cfg.l1 * l1_penalty(model)
                 if cfg.l2:
                     loss = loss + cfg.l2 * l2_penalty(model)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise ValueError(f"{fn}: the loss of batch {count} in epoch {epoch} is {value}; stopping before "
+                                     "it reaches the weights (check the data, the learning rate and the loss)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 opt.step()
+                snapshot.release()
                 if sched is not None:
                     sched.step()
                 if pruner is not None:
                     pruner.step()
-                total += float(loss.detach())
+                total += value
                 count += 1
                 step += 1
                 bar.update(1)

@@ -17,6 +17,7 @@ from .importance import (
     ImportanceCriterion,
     ReconstructingCriterion,
     ScoreCriterion,
+    check_finite_scores,
     criterion_names,
     pattern_labels,
     resolve_importance,
@@ -32,6 +33,7 @@ from .patterns import (
     unstructured_mask,
     weight_matrix,
 )
+from .transaction import all_or_nothing
 
 __all__ = [
     "prune_weights",
@@ -331,13 +333,24 @@ def layer_scores(
     progress: bool,
 ) -> dict[str, torch.Tensor]:
     """GEMM-view scores (:func:`pruning.patterns.weight_matrix`) of every selected layer, by layer name; a
-    layer the criterion gives no scores (e.g. never called during calibration) is moved to ``sel.skipped``."""
+    layer the criterion gives no scores (e.g. never called during calibration) is moved to ``sel.skipped``.
+
+    Raises:
+        ValueError: a layer's scores are not shaped like its weight, or hold NaN / inf (the error names it).
+    """
     weights = {f"{name}.weight" if name else "weight": name for name in sel.selected}
     scores = crit.scores(model, list(weights), calib, loss_fn, progress=progress) if weights else {}
     out = {}
     for pname, name in weights.items():
         if pname in scores:
-            out[name] = weight_matrix(scores[pname])
+            score = scores[pname]
+            shape = tuple(sel.selected[name].weight.shape)
+            if not isinstance(score, torch.Tensor) or tuple(score.shape) != shape:
+                got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+                raise ValueError(f"importance {crit.name!r}: expected scores of layer {name or '<model>'!r} shaped "
+                                 f"like its weight {shape}, got {got}")
+            check_finite_scores(crit.name, f"layer {name or '<model>'!r}", score)
+            out[name] = weight_matrix(score)
         else:
             sel.skip(name, _unscored_reason(crit))
     return out
@@ -410,27 +423,62 @@ def prune_weights(
     check_pattern_support(fn, pat, crit)
 
     sel = select_layers(fn, model, pat, crit, filter_fn, sparsity)
-    # New weights and masks are computed first and committed at the end, so an error leaves the model as it was.
-    if isinstance(crit, ReconstructingCriterion):
-        budgets = {name: _layer_sparsity(name, sparsity) for name in sel.selected}
-        results = crit.reconstruct(model, sel.selected, pat, budgets, calib, progress=progress)
-        for name in [n for n in sel.selected if n not in results]:
-            sel.skip(name, _unscored_reason(crit))
-    else:
-        results = _masked_weights(model, sel, pat, sparsity, calib, loss_fn, crit, progress)
-
+    # The masks are computed first (the model is only read, except by a reconstructing criterion, which writes
+    # the weights it reconstructs for a while), then every layer is committed: an error (or Ctrl-C) in either
+    # phase leaves the model exactly as it was (pruning.transaction).
+    reconstructing = isinstance(crit, ReconstructingCriterion)
+    with all_or_nothing(model, tensors=[m.weight for m in sel.selected.values()] if reconstructing else ()):
+        if reconstructing:
+            budgets = {name: _layer_sparsity(name, sparsity) for name in sel.selected}
+            results = crit.reconstruct(model, sel.selected, pat, budgets, calib, progress=progress)
+            results = _checked_reconstruction(crit, sel, results)
+        else:
+            results = {name: (None, keep) for name, keep in
+                       _masks(model, sel, pat, sparsity, calib, loss_fn, crit, progress).items()}
     layers = []
-    for name, (new_weight, keep) in results.items():
-        module = sel.selected[name]
-        with torch.no_grad():
-            module.weight.copy_(new_weight)
-        attach_mask(module, keep, pattern=str(pat), importance=crit.name)
-        layers.append(LayerPruning.of(name, module, keep, str(pat), crit.name))
+    with all_or_nothing(model, tensors=[sel.selected[name].weight for name in results]):
+        for name, (new_weight, keep) in results.items():
+            module = sel.selected[name]
+            if new_weight is not None:
+                with torch.no_grad():
+                    module.weight.copy_(new_weight)
+            attach_mask(module, keep, pattern=str(pat), importance=crit.name)
+            layers.append(LayerPruning.of(name, module, keep, str(pat), crit.name))
     return PruningReport(str(pat), crit.name, tuple(layers), sel.sorted_skipped())
 
 
-def _masked_weights(model, sel, pat, sparsity, calib, loss_fn, crit: ScoreCriterion, progress):
-    """``name -> (weight * keep, keep)`` of every selected layer scored by ``crit``."""
+def _checked_reconstruction(crit: ReconstructingCriterion, sel: LayerSelection, results) -> dict:
+    """``results`` of ``crit.reconstruct`` in module order, each checked before anything is committed; a
+    selected layer it left out is moved to ``sel.skipped``."""
+    if not isinstance(results, Mapping):
+        raise TypeError(f"importance {crit.name!r}: expected reconstruct() to return a dict name -> (weight, mask), "
+                        f"got {type(results).__name__}")
+    unknown = sorted(set(results) - set(sel.selected), key=str)
+    if unknown:
+        raise ValueError(f"importance {crit.name!r}: reconstruct() returned layers that were not selected: {unknown}")
+    checked = {}
+    for name in list(sel.selected):
+        if name not in results:
+            sel.skip(name, _unscored_reason(crit))
+            continue
+        weight = sel.selected[name].weight
+        entry = results[name]
+        label = f"importance {crit.name!r}: layer {name or '<model>'!r}"
+        if not (isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(t, torch.Tensor) for t in entry)):
+            raise TypeError(f"{label}: expected a (weight, mask) pair of tensors, got {type(entry).__name__}")
+        new_weight, keep = entry
+        if tuple(new_weight.shape) != tuple(weight.shape) or tuple(keep.shape) != tuple(weight.shape):
+            raise ValueError(f"{label}: expected a weight and a mask of shape {tuple(weight.shape)}, got "
+                             f"{tuple(new_weight.shape)} and {tuple(keep.shape)}")
+        if keep.dtype != torch.bool:
+            raise TypeError(f"{label}: expected a torch.bool mask, got {keep.dtype}")
+        check_finite_scores(crit.name, f"layer {name or '<model>'!r} (its reconstructed weight)", new_weight)
+        checked[name] = (new_weight * keep.to(new_weight.device), keep)
+    return checked
+
+
+def _masks(model, sel, pat, sparsity, calib, loss_fn, crit: ScoreCriterion, progress) -> dict[str, torch.Tensor]:
+    """``name -> keep`` (shaped like the weight) of every selected layer scored by ``crit``."""
     scores = layer_scores(model, sel, crit, calib, loss_fn, progress)
     if pat.kind == "global":
         masks = global_unstructured_masks(scores, sparsity) if scores else {}
@@ -439,9 +487,4 @@ def _masked_weights(model, sel, pat, sparsity, calib, loss_fn, crit: ScoreCriter
             name: scores_to_mask(scores[name], pat, _layer_sparsity(name, sparsity), crit.row_budget)
             for name in progress_bar(list(scores), desc="masks", enabled=progress)
         }
-    results = {}
-    for name, mask in masks.items():
-        weight = sel.selected[name].weight.detach()
-        keep = matrix_to_weight(mask, weight.shape)
-        results[name] = (weight * keep, keep)
-    return results
+    return {name: matrix_to_weight(mask, sel.selected[name].weight.shape) for name, mask in masks.items()}

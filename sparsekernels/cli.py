@@ -8,9 +8,12 @@ Subcommands:
 * ``bench`` -- the kernel sweep, the layer suite, the model suites, the one-call GPU suite, and the
   single-purpose benchmarks (CPU memory, channel latency, pruning quality, the CPU design study).
 
-Every bad argument ends in one line ``sparsekernels <command>: error: ...`` and exit code 2. Only the argument
-parsing lives here; the commands live in :mod:`sparsekernels.app` and :mod:`sparsekernels.benchmarks` and are
-imported when they run, so ``--help`` costs nothing (no torchvision, no pruning, no triton).
+Every bad argument ends in one line ``sparsekernels <command>: error: ...`` and exit code 2, found before any
+long work starts (sizes within limits, ``--out`` writable, factories imported); Ctrl-C ends in one line and exit
+code 130, with no half-written result (results are published whole or not at all), and an operating-system
+error (a full disk) in one line and exit code 1. Only the argument parsing lives here; the commands live in
+:mod:`sparsekernels.app` and :mod:`sparsekernels.benchmarks` and are imported when they run, so ``--help``
+costs nothing (no torchvision, no pruning, no triton).
 """
 from __future__ import annotations
 
@@ -44,10 +47,15 @@ def _checked(convert, accepts, expected: str):
     return parse
 
 
-_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+def _int_in(low: int, high: int):
+    """An argparse type for an integer in ``low..high`` (sizes are bounded: a typo must not allocate terabytes)."""
+    return _checked(int, lambda v: low <= v <= high, f"an integer in {low}..{high:,}" if low else
+                    f"an integer >= 0 and <= {high:,}")
+
+
+_nonneg_int = _int_in(0, 2**32 - 1)
 _ratio = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
-_positive_float = _checked(float, lambda v: v > 0, "a positive number")
+_budget = _checked(float, lambda v: 0 < v <= 86400, "a positive number of seconds, at most 86,400 (a day)")
 
 
 def _pattern(text: str) -> str:
@@ -93,7 +101,8 @@ def _run_prune(args) -> int:
 
 
 def _run_bench(args) -> int:
-    from .app import UsageError, parse_dtype, resolve_device
+    from .app import UsageError, check_output_folder, parse_dtype, resolve_device
+    from .benchmarks.report import results_dir
     from .benchmarks.run import check_selection, run_bench
 
     device = None if args.device == "auto" else resolve_device(args.device)
@@ -102,12 +111,18 @@ def _run_bench(args) -> int:
         device = check_selection(args.which, device, dtype, args.budget_s)
     except ValueError as e:  # arguments this selection cannot run with: a usage error, said in one line
         raise UsageError(str(e)) from e
-    run_bench(args.which, device=device, dtype=dtype, quick=args.quick, out_dir=args.out, progress=args.progress,
+    out = check_output_folder(args.out if args.out is not None else results_dir(device))
+    run_bench(args.which, device=device, dtype=dtype, quick=args.quick, out_dir=out, progress=args.progress,
               budget_s=args.budget_s)
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .app import SIZE_LIMITS
+
+    def size(name: str):
+        return _int_in(1, SIZE_LIMITS[name])
+
     parser = _Parser(
         prog="sparsekernels",
         description="Sparse inference for PyTorch: prune, swap to sparse kernels, measure.",
@@ -123,15 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Prints the table and writes it (JSON + Markdown) with a plot.",
     )
     _add_device(demo, "auto")
-    demo.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
-    demo.add_argument("--epochs", type=_positive_int, default=10, help="training epochs of the dense model (10)")
-    demo.add_argument("--finetune-epochs", type=_positive_int, default=None,
+    demo.add_argument("--out", default=None,
+                      help="output folder (default: ./sparsekernels-output/demo/; give benchmarks/results/<device> to "
+                      "publish into the committed results)")
+    demo.add_argument("--epochs", type=size("epochs"), default=10, help="training epochs of the dense model (10)")
+    demo.add_argument("--finetune-epochs", type=size("finetune_epochs"), default=None,
                       help="fine-tuning epochs after each pruning step (default: --epochs // 3, at least 1)")
-    demo.add_argument("--width", type=_positive_int, default=32, help="first-stage channels of DigitsCNN (32)")
-    demo.add_argument("--batch", type=_positive_int, default=256, help="batch size of the timed inference (256)")
+    demo.add_argument("--width", type=size("width"), default=32, help="first-stage channels of DigitsCNN (32)")
+    demo.add_argument("--batch", type=size("batch"), default=256, help="batch size of the timed inference (256)")
     demo.add_argument("--ratio", type=_ratio, default=0.5, help="fraction of channels removed by filter pruning (0.5)")
     demo.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
-    demo.add_argument("--threads", type=_positive_int, default=None,
+    demo.add_argument("--threads", type=size("threads"), default=None,
                       help="CPU threads of the timed inference (default 1: stable on a shared CPU)")
     _add_progress(demo)
     demo.set_defaults(func=_run_demo)
@@ -155,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "wanda, sparsegpt (calibrated on random inputs of --input-shape)")
     prune.add_argument("--input-shape", default="1,3,224,224", help="example input shape (1,3,224,224)")
     prune.add_argument("--factory", default=None, help="module:function building the model of a .safetensors MODEL")
-    prune.add_argument("--round-to", type=_positive_int, default=None, help="channels: keep counts multiples of this")
-    prune.add_argument("--calib-batches", type=_positive_int, default=4, help="random calibration batches (4)")
+    prune.add_argument("--round-to", type=size("round_to"), default=None,
+                       help="channels: keep counts multiples of this")
+    prune.add_argument("--calib-batches", type=size("calib_batches"), default=4, help="random calibration batches (4)")
     prune.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
     prune.add_argument("--out", required=True, help="output FILE.safetensors")
     _add_progress(prune)
@@ -181,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="tiny sizes: runs on a CPU in about a minute; files named *_quick")
     bench.add_argument("--out", default=None, help="output folder (default: benchmarks/results/<device>/)")
-    bench.add_argument("--budget-s", type=_positive_float, default=None,
+    bench.add_argument("--budget-s", type=_budget, default=None,
                        help="gpu: time budget in seconds (default 480, under the 9-minute limit)")
     _add_progress(bench)
     bench.set_defaults(func=_run_bench)
@@ -196,12 +214,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .app import UsageError
 
+    prog = f"sparsekernels {args.command}"
     try:
         return int(args.func(args) or 0)
     except UsageError as e:
-        message = " ".join(str(e).split())
-        sys.stderr.write(f"sparsekernels {args.command}: error: {message}\n")
+        sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
         return 2
+    except KeyboardInterrupt:  # results are published whole or not at all, so nothing half-written is left
+        sys.stderr.write(f"{prog}: interrupted; no partial results were written\n")
+        return 130
+    except OSError as e:  # the machine, not the arguments: a full disk, a folder removed under the run
+        sys.stderr.write(f"{prog}: error: {_one_line(e)}\n")
+        return 1
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:2000]
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ block) sparse by the matching sparse module, and undo it.
 Per instance, never by patching classes: each eligible layer is converted with its sparse module's
 ``from_dense`` and assigned to its parent under the same name. Forward / backward hooks and pre-hooks
 move with the layer (the very same hook dictionaries, so the user's hook handles keep working), and so
-do the training flag, device and dtype. All replacements are built before the first one is assigned:
-if a conversion fails, the model is left exactly as it was.
+do the training flag, device and dtype. All or nothing: every replacement is built before the model is
+touched, and if anything fails while they are put in, the model's structure is restored
+(:func:`sparsekernels.nn.walk.snapshot`), so on any error the model is exactly as it was.
 
 Layers that stay dense are reported with the reason, e.g. the ``out_proj`` of an
 ``nn.MultiheadAttention`` (its parent reads ``out_proj.weight`` directly instead of calling it) or a
@@ -22,11 +23,16 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
 from .nn import SparseModule, sparse_module_types, sparse_patterns
-from .nn.walk import module_occurrences, move_hooks, replace_modules
+from .nn.walk import module_occurrences, move_hooks, replace_modules, snapshot
 from .ops.routing import check_backend_name
 from .tables import format_table
 
-__all__ = ["sparsify", "densify", "SwapReport", "SwappedLayer", "SkippedLayer"]
+__all__ = ["sparsify", "densify", "SwapReport", "SwappedLayer", "SkippedLayer", "HF_QUANT_METHOD", "HF_FORMAT_VERSION"]
+
+# How a Hugging Face config declares sparsekernels layers (``config.quantization_config``); the loader that reads
+# it is sparsekernels.huggingface, which transformers finds once that module is imported.
+HF_QUANT_METHOD = "sparsekernels"
+HF_FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -314,23 +320,62 @@ def sparsify(
             err = type(exc) if isinstance(exc, (ValueError, TypeError)) else RuntimeError
             raise err(f"{fn}: converting layer {name!r} ({type(module).__name__}) failed, the model is "
                       f"unchanged: {exc}") from exc
-        move_hooks(module, new)
         replacements[id(module)] = new
         swapped.append(
             SwappedLayer(name, cls.pattern, type(module).__name__, type(new).__name__, tuple(module.weight.shape),
                          module.weight.numel() * module.weight.element_size(), new.stored_bytes())
         )
-    notes = _guard_transformer_fast_paths(model, replacements, occ)
     # Layers in training mode with trainable parameters: the user may expect to keep training them.
     trainable = [name for name, module, _ in plans
                  if module.training and any(p.requires_grad for p in module.parameters(recurse=False))]
+    olds = {id(module): module for _, module, _ in plans}
+
+    def commit() -> list[str]:
+        for old_id, new in replacements.items():
+            move_hooks(olds[old_id], new)
+        notes = _guard_transformer_fast_paths(model, replacements, occ)
+        replace_modules(model, replacements, occ)
+        if replacements:
+            notes += _declare_in_hugging_face_config(model)
+        return notes
+
+    notes = _commit(model, commit)
     if trainable:
         shown = ", ".join(trainable[:5]) + (f" and {len(trainable) - 5} more" if len(trainable) > 5 else "")
         notes.append(f"{len(trainable)} swapped layer(s) had trainable parameters ({shown}): sparse layers are "
                      "for inference, their compressed weights and biases no longer receive gradients "
                      "(inputs still do); densify() gives trainable dense layers back")
-    replace_modules(model, replacements, occ)
     return SwapReport(tuple(swapped), tuple(skipped), "sparsify", tuple(notes))
+
+
+def _declare_in_hugging_face_config(model: nn.Module) -> list[str]:
+    """A transformers model's config gains ``quantization_config = {"quant_method": "sparsekernels", ...}``, so that
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads into sparse layers (after
+    ``import sparsekernels.huggingface``) instead of re-initialising them. Recognised without importing
+    transformers; a config that already declares another quantization is left alone (and said so)."""
+    config = getattr(model, "config", None)
+    if config is None or not type(config).__module__.startswith("transformers."):
+        return []
+    existing = getattr(config, "quantization_config", None)
+    if existing is None:
+        config.quantization_config = {"quant_method": HF_QUANT_METHOD, "format_version": HF_FORMAT_VERSION}
+        return [f"model.config.quantization_config now declares quant_method={HF_QUANT_METHOD!r}: save_pretrained "
+                "writes the compressed layers, and from_pretrained loads them after `import sparsekernels.huggingface`"]
+    method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", None)
+    if str(getattr(method, "value", method)) != HF_QUANT_METHOD:
+        return [f"model.config.quantization_config declares another method ({method!r}): a save_pretrained "
+                "checkpoint of this model will not load into sparse layers"]
+    return []
+
+
+def _commit(model: nn.Module, commit: Callable[[], object]):
+    """Run ``commit`` (which puts built replacements into ``model``); if it raises, restore ``model`` and re-raise."""
+    restore = snapshot(model)
+    try:
+        return commit()
+    except BaseException:
+        restore()
+        raise
 
 
 def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None = None) -> SwapReport:
@@ -345,7 +390,8 @@ def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None
         A :class:`SwapReport` (``action="densify"``) listing the layers made dense again.
 
     Raises:
-        TypeError: ``model`` not an ``nn.Module`` or ``filter_fn`` not callable.
+        TypeError: ``model`` not an ``nn.Module`` or ``filter_fn`` not callable. If converting a layer fails, the
+            error names the layer and the model is left unchanged.
     """
     fn = "densify()"
     if not isinstance(model, nn.Module):
@@ -355,6 +401,7 @@ def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None
     sparse_types = sparse_module_types()
     occ = module_occurrences(model)
     replacements: dict[int, nn.Module] = {}
+    olds: dict[int, nn.Module] = {}
     swapped: list[SwappedLayer] = []
     skipped: list[SkippedLayer] = []
     for name, module in model.named_modules():
@@ -367,14 +414,25 @@ def densify(model: nn.Module, filter_fn: Callable[[str, nn.Module], bool] | None
             skipped.append(SkippedLayer(name, type(module).__name__, "excluded by filter_fn"))
             continue
         stored = module.stored_bytes()
-        dense = module.to_dense()
-        move_hooks(module, dense)
-        for hid in [k for k, h in dense._forward_pre_hooks.items() if h is _fast_path_guard]:
-            del dense._forward_pre_hooks[hid]
+        try:
+            dense = module.to_dense()
+        except Exception as exc:
+            err = type(exc) if isinstance(exc, (ValueError, TypeError)) else RuntimeError
+            raise err(f"{fn}: converting layer {name!r} ({type(module).__name__}) failed, the model is "
+                      f"unchanged: {exc}") from exc
         replacements[id(module)] = dense
+        olds[id(module)] = module
         swapped.append(
             SwappedLayer(name, "dense", type(module).__name__, type(dense).__name__, tuple(dense.weight.shape),
                          dense.weight.numel() * dense.weight.element_size(), stored)
         )
-    replace_modules(model, replacements, occ)
+
+    def commit() -> None:
+        for old_id, dense in replacements.items():
+            move_hooks(olds[old_id], dense)
+            for hid in [k for k, h in dense._forward_pre_hooks.items() if h is _fast_path_guard]:
+                del dense._forward_pre_hooks[hid]
+        replace_modules(model, replacements, occ)
+
+    _commit(model, commit)
     return SwapReport(tuple(swapped), tuple(skipped), "densify")

@@ -336,6 +336,26 @@ def test_meta_build_and_assign_load():
     assert torch.equal(fresh(x), torch.zeros(4, 70))
 
 
+def test_load_state_dict_validates_the_structure_and_loads_nothing_of_a_refused_layer():
+    layer = BlockSparseLinear.from_dense(_block_linear(70, 100, 16, 0.3), block_size=16, min_block_sparsity=0.0)
+    good = layer.state_dict()
+    assert layer.loaded_weight_blocks(good, "") is not None
+    for name, bad, match in [
+        ("block_col_idx", lambda t: t.fill_(7), r"block_col_idx in \[0, 7\)"),
+        ("block_col_idx", lambda t: t.flip(0), "strictly increasing within a block row"),
+        ("block_row_ptr", lambda t: t.add_(1), r"block_row_ptr\[0\] == 0"),
+        ("block_row_ptr", lambda t: t.long(), "int32 row_ptr"),
+        ("block_values", lambda t: t.index_fill_(2, torch.tensor([15]), 1.0), "expected zeros in the padding"),
+    ]:
+        state = {k: v.clone() for k, v in good.items()}
+        state[name] = bad(state[name]).contiguous()
+        target = BlockSparseLinear(100, 70, layer.nnz_blocks, 16)
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        with pytest.raises(RuntimeError, match=match):
+            target.load_state_dict(state)
+        assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
+
+
 def test_module_compiles_fullgraph():
     layer = BlockSparseLinear.from_dense(_block_linear(48, 40, 16, 0.4), min_block_sparsity=0.0)
     x = torch.randn(3, 40)

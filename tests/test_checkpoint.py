@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import sparsekernels as sk
-from sparsekernels.checkpoint import read_metadata
+from sparsekernels.checkpoint import CheckpointError, read_metadata
 from test_swap import mask_24, mask_model_24, randomize_bn
 
 
@@ -234,10 +234,12 @@ def test_load_errors(tmp_path):
         sk.load_sparse(lambda: nn.Sequential(nn.ReLU()), path)
     with pytest.raises(ValueError, match="out_features=16 in the model but 8 in the checkpoint"):
         sk.load_sparse(lambda: nn.Sequential(nn.Linear(8, 16)), path)
-    with pytest.raises(RuntimeError, match="meta device"):
-        sk.load_sparse(lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), path, strict=False)
-    with pytest.raises(RuntimeError):  # strict: unexpected / missing keys
-        sk.load_sparse(lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), path)
+    # strict or not, a tensor of a model built on the meta device must come from the file
+    for strict in (False, True):
+        with pytest.raises(CheckpointError, match=r"tensor '1.weight'.*missing key"):
+            sk.load_sparse(lambda: nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), path, strict=strict)
+    with pytest.raises(ValueError, match="expected backend"):
+        sk.load_sparse(factory, path, backend="fast")
 
 
 def test_unknown_class_and_format(tmp_path):
@@ -250,3 +252,15 @@ def test_unknown_class_and_format(tmp_path):
     save_file(tensors, str(tmp_path / "f.safetensors"), metadata={"sparsekernels": json.dumps(dict(record, format=99))})
     with pytest.raises(ValueError, match="format"):
         read_metadata(tmp_path / "f.safetensors")
+
+
+def test_a_sparse_module_saved_on_its_own(tmp_path):
+    layer = sk.SparseLinear.from_dense(mask_model_24(nn.Sequential(nn.Linear(8, 4)))[0])
+    record = sk.save_sparse(layer, tmp_path / "l.safetensors")
+    assert record["sparse_modules"][0]["name"] == ""
+    loaded = sk.load_sparse(lambda: nn.Linear(8, 4), tmp_path / "l.safetensors")
+    assert isinstance(loaded, sk.SparseLinear)
+    x = torch.randn(2, 8)
+    assert torch.equal(loaded(x), layer(x))
+    with pytest.raises(ValueError, match="cannot be replaced in place: pass a factory"):
+        sk.load_sparse(nn.Linear(8, 4), tmp_path / "l.safetensors")

@@ -64,8 +64,8 @@ def test_no_command_prints_help_and_version(capsys):
     "argv, command, needle",
     [
         (["frobnicate"], "", "invalid choice"),
-        (["demo", "--epochs", "0"], "demo", "positive integer"),
-        (["demo", "--width", "x"], "demo", "positive integer"),
+        (["demo", "--epochs", "0"], "demo", "an integer in 1..1,000"),
+        (["demo", "--width", "x"], "demo", "an integer in 1..512"),
         (["demo", "--ratio", "1.5"], "demo", "in (0, 1)"),
         (["demo", "--seed", "-1"], "demo", ">= 0"),
         (["demo", "--device", "tpu"], "demo", "--device"),
@@ -251,11 +251,13 @@ def test_prune_torchvision_model(tmp_path, capsys):
 # ------------------------------------------------------------------------------------------------- demo
 
 
-def test_demo_tiny(tmp_path, capsys):
-    out = tmp_path / "demo"
-    code, stdout, err = _run(["demo", "--epochs", "1", "--width", "8", "--batch", "16", "--out", str(out),
-                              "--device", "cpu", "--no-progress"], capsys)
+def test_demo_tiny(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # without --out the demo writes to ./sparsekernels-output/demo/, nowhere else
+    out = tmp_path / "sparsekernels-output" / "demo"
+    code, stdout, err = _run(["demo", "--epochs", "1", "--width", "8", "--batch", "16", "--device", "cpu",
+                              "--no-progress"], capsys)
     assert code == 0, err
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["demo.json", "demo.md", "demo.png"]
     report = json.loads((out / "demo.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
     assert list(rows) == ["dense", "filters -50%", "2:4", "filters + 2:4"]

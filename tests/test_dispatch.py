@@ -244,16 +244,32 @@ def test_two_processes_writing_at_once(tmp_path):
     assert not [f for f in os.listdir(cache_dir) if f.endswith(".tmp")]
 
 
-def test_corrupt_cache_is_ignored_then_rewritten():
+@pytest.mark.parametrize("content", ['{not json', '{"format": 2, "environments": {}}'])
+def test_unusable_cache_is_kept_as_it_is_and_decisions_stay_in_memory(content):
     path = dispatch.cache_path()
     os.makedirs(os.path.dirname(path))
     with open(path, "w") as f:
-        f.write("{not json")
-    with pytest.warns(RuntimeWarning, match="unreadable tuning cache"):
-        with dispatch.use_timer(fake_timer({"triton": 0.5, "dense": 1.0})):
+        f.write(content)
+    calls = []
+    with pytest.warns(RuntimeWarning, match="ignoring the tuning cache .*left as it is"):
+        with dispatch.use_timer(fake_timer({"triton": 0.5, "dense": 1.0}, calls)):
             assert dispatch.select("op", (1,), candidates("triton", "dense"), default="dense") == "triton"
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # warned once per file
+                assert dispatch.select("op", (2,), candidates("triton", "dense"), default="dense") == "triton"
+                assert dispatch.select("op", (1,), candidates("triton", "dense"), default="dense") == "triton"
+    assert calls == ["triton", "dense"] * 2  # the first decision is remembered in memory
     with open(path) as f:
-        assert json.load(f)["format"] == 1
+        assert f.read() == content  # never overwritten
+
+
+def test_timer_results_must_fit_the_cache_schema():
+    for bad in (float("nan"), -1.0, float("inf"), Timing(1.0, 1.0, 1.0, 1.0, 0)):
+        with dispatch.use_timer(lambda name, fn, device, bad=bad: bad):
+            with pytest.raises(ValueError, match="finite, non-negative"):
+                dispatch.select("op", (7,), candidates("triton", "dense"), default="dense")
+    with pytest.raises(ValueError, match="candidate names"):
+        dispatch.select("op", (8,), {"x" * 65: lambda: None, "dense": lambda: None}, default="dense")
 
 
 def test_unwritable_cache_warns_and_keeps_decision(tmp_path, monkeypatch):

@@ -81,7 +81,7 @@ def test_triton_kernel_matches_float64(kernel_device, poisoned, dtype, case):
 def test_triton_kernel_gpu_resnet_like(dtype):
     weight, w24 = masked_conv_weight(72, 64, 3, 3, dtype)
     x = torch.randn(3, 64, 29, 31, dtype=dtype, device="cuda").contiguous(memory_format=torch.channels_last)
-    y = sparse24_conv2d(x, w24.to("cuda"), None, 2, 1, 1, backend="triton")
+    y = sparse24_conv2d(x, w24.to("cuda"), None, 2, 1, 1, backend="triton", kernel_size=3)
     ref = F.conv2d(x.double(), weight.double().cuda(), None, 2, 1, 1)
     dense_err = rel_error(F.conv2d(x, weight.cuda(), None, 2, 1, 1), ref)
     assert_close_rel(y, ref, dtype)
@@ -126,15 +126,29 @@ def test_output_memory_format_rule_on_cpu():
     _, w24 = masked_conv_weight(6, 8, 1, 1)
     x = torch.randn(2, 8, 5, 5)
     for backend in ("auto", "dense", "reference"):
-        assert sparse24_conv2d(x, w24, backend=backend).is_contiguous()
-        y = sparse24_conv2d(x.contiguous(memory_format=torch.channels_last), w24, backend=backend)
+        assert sparse24_conv2d(x, w24, backend=backend, kernel_size=1).is_contiguous()
+        y = sparse24_conv2d(x.contiguous(memory_format=torch.channels_last), w24, backend=backend, kernel_size=1)
         assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 
-def test_square_kernel_inferred():
-    weight, w24 = masked_conv_weight(6, 8, 3, 3)
-    x = torch.randn(1, 8, 6, 6)
-    assert_close_rel(sparse24_conv2d(x, w24, None, 1, 1), F.conv2d(x.double(), weight.double(), None, 1, 1), torch.float32)
+def test_kernel_size_is_required_so_no_channel_count_runs_another_convolution():
+    # 36 inputs per output channel: a 3x3 kernel over 4 channels, or a 1x1 kernel over 36. Inferring the kernel
+    # from x's channel count would run the 1x1 convolution on a 36-channel input without a word.
+    weight, w24 = masked_conv_weight(6, 4, 3, 3)
+    x = torch.randn(1, 4, 6, 6)
+    for backend in ("auto", "dense", "reference"):
+        out = sparse24_conv2d(x, w24, None, 1, 1, kernel_size=3, backend=backend)
+        assert_close_rel(out, F.conv2d(x.double(), weight.double(), None, 1, 1), torch.float32)
+        with pytest.raises(TypeError, match="kernel_size"):
+            sparse24_conv2d(x, w24, None, 1, 1, backend=backend)
+        with pytest.raises(TypeError, match="expected kernel_size=\\(kh, kw\\), got None"):
+            sparse24_conv2d(x, w24, None, 1, 1, kernel_size=None, backend=backend)
+        with pytest.raises(ValueError, match="kh \\* kw \\* C = 324"):
+            sparse24_conv2d(torch.randn(1, 36, 6, 6), w24, None, 1, 1, kernel_size=3, backend=backend)
+    # the custom op itself takes the kernel size as an argument: the same refusal
+    with pytest.raises(ValueError, match="kh \\* kw \\* C = 324"):
+        torch.ops.sparsekernels.sparse24_conv2d(torch.randn(1, 36, 6, 6), w24.values, w24.meta, None, [1, 1], [1, 1],
+                                                [1, 1], [3, 3], "reference")
 
 
 def test_public_function_errors(monkeypatch):
@@ -146,11 +160,12 @@ def test_public_function_errors(monkeypatch):
         ((x, torch.randn(6, 72)), {}, TypeError, "Sparse24Weight"),
         ((x[0], w24), {}, ValueError, r"\[B, C, H, W\]"),
         ((torch.randn(2, 6, 7, 7), w24), {}, ValueError, "multiple of 4"),
-        ((torch.randn(2, 16, 7, 7), w24), {}, ValueError, "divides"),
-        ((x, w24_13), {}, ValueError, "not a square; pass kernel_size"),
+        ((torch.randn(2, 16, 7, 7), w24), {}, ValueError, "kh \\* kw \\* C = 144"),
+        ((x, w24_13), {}, ValueError, "kh \\* kw \\* C = 72"),
         ((x, w24), {"kernel_size": (1, 9)}, ValueError, "smaller than the dilated kernel"),  # 7x7 input
-        ((x, w24), {"kernel_size": (2, 2)}, ValueError, "kh \\* kw = 9"),
+        ((x, w24), {"kernel_size": (2, 2)}, ValueError, "kh \\* kw \\* C = 32"),
         ((x, w24), {"kernel_size": "3"}, TypeError, "kernel_size"),
+        ((torch.randn(2, 8, 0, 7), w24), {}, ValueError, "non-empty spatial"),
         ((x.half(), w24), {}, TypeError, "dtype torch.float32, got torch.float16"),
         ((x.to("meta"), w24), {}, ValueError, "device"),
         ((x, w24, [0.0]), {}, TypeError, "bias to be a torch.Tensor"),
@@ -167,26 +182,28 @@ def test_public_function_errors(monkeypatch):
     ]
     for args, kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
-            sparse24_conv2d(*args, **kwargs)
+            sparse24_conv2d(*args, **{"kernel_size": 3, **kwargs})
     with pytest.raises(ValueError, match="backend 'cusparselt' does not compute sparse24_conv2d"):
-        sparse24_conv2d(x, w24, backend="cusparselt")
+        sparse24_conv2d(x, w24, backend="cusparselt", kernel_size=3)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "nope")
     with pytest.raises(ValueError, match="SPARSEKERNELS_BACKEND"):
-        sparse24_conv2d(x, w24)
+        sparse24_conv2d(x, w24, kernel_size=3)
     monkeypatch.delenv("SPARSEKERNELS_BACKEND")
     if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="bfloat16 on the CPU"):
+            sparse24_conv2d(x.bfloat16(), w24.to(torch.bfloat16), backend="triton", kernel_size=3)
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-            sparse24_conv2d(x, w24, backend="triton")
+            sparse24_conv2d(x, w24, backend="triton", kernel_size=3)
     with pytest.raises(TypeError, match="Sparse24Weight"):
-        sparse24_conv2d_reference(x, None)
+        sparse24_conv2d_reference(x, None, kernel_size=3)
 
 
 def test_env_override_forces_backend(monkeypatch, kernel_override):
     calls = spy(kernel_override, "sparse24_conv2d", "reference")
     _, w24 = masked_conv_weight(6, 8, 3, 3)
     monkeypatch.setenv("SPARSEKERNELS_BACKEND", "reference")
-    sparse24_conv2d(torch.randn(1, 8, 5, 5), w24, backend="dense")
+    sparse24_conv2d(torch.randn(1, 8, 5, 5), w24, backend="dense", kernel_size=3)
     assert calls == ["reference"]
 
 

@@ -5,9 +5,11 @@ import torch
 from sparsekernels.formats.sparse24 import (
     Sparse24Weight,
     compress_24,
+    first_bad_metadata,
     is_24_sparse,
     pack_indices,
     unpack_indices,
+    zero_weight_metadata,
 )
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -125,3 +127,37 @@ def test_dataclass_rejects_inconsistent_parts():
         Sparse24Weight(w24.values[:, :4], w24.meta, w24.shape)
     with pytest.raises(ValueError, match="expected uint8 meta of shape"):
         Sparse24Weight(w24.values, w24.meta.to(torch.int32), w24.shape)
+
+
+def test_empty_weights_are_refused():
+    with pytest.raises(ValueError, match=r"non-empty weight, got shape \(0, 8\)"):
+        compress_24(torch.zeros(0, 8))
+    with pytest.raises(ValueError, match="in a positive multiple of 4, got \\(0, 8\\)"):
+        Sparse24Weight(torch.zeros(0, 4), torch.zeros(0, 1, dtype=torch.uint8), (0, 8))
+    with pytest.raises(ValueError, match="positive multiple of 4"):
+        Sparse24Weight(torch.zeros(2, 0), torch.zeros(2, 0, dtype=torch.uint8), (2, 0))
+
+
+def test_validate_names_the_first_bad_group():
+    w24 = compress_24(random_24(3, 12))  # 3 groups per row: the last byte's high nibble is padding
+    assert w24.validate() is w24
+    assert torch.equal(zero_weight_metadata(3, 12), compress_24(torch.zeros(3, 12)).meta)
+    for row, byte, col, match in [
+        (1, 0x55, 0, r"row 1, group 0 \(columns 0..3\) holds positions 1 and 1"),
+        (2, 0x46, 0, r"row 2, group 0 \(columns 0..3\) holds positions 2 and 1"),
+        (0, 0x14, 1, r"unused high nibble .* row 0 has 0x1"),
+    ]:
+        meta = w24.meta.clone()
+        meta[row, col] = byte
+        bad = Sparse24Weight(w24.values, meta, w24.shape)
+        assert first_bad_metadata(meta, 3) is not None
+        with pytest.raises(ValueError, match=match):
+            bad.validate()
+    assert Sparse24Weight(w24.values.to("meta"), w24.meta.to("meta"), w24.shape).validate()  # nothing to read
+
+
+def test_values_stored_at_one_position_add():
+    # what every kernel does with metadata that bypassed validation: the same dense weight on every backend
+    values = torch.tensor([[1.0, 2.0]])
+    meta = torch.tensor([[0x5]], dtype=torch.uint8)  # both values at position 1
+    assert torch.equal(Sparse24Weight(values, meta, (1, 4)).to_dense(), torch.tensor([[0.0, 3.0, 0.0, 0.0]]))

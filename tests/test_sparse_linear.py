@@ -189,6 +189,29 @@ def test_constructor_errors():
         SparseLinear(8, 0)
     with pytest.raises(TypeError, match="expected dtype float16, bfloat16 or float32, got torch.float64"):
         SparseLinear(8, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="expected in_features to be a positive multiple of 4, got 0"):
+        SparseLinear(0, 4)
+    assert SparseLinear.check_convertible(nn.Linear(0, 4)) == "the weight is empty (4x0)"
+    assert SparseLinear.check_convertible(nn.Linear(8, 0)) == "the weight is empty (0x8)"
+
+
+def test_load_state_dict_validates_and_loads_nothing_of_a_refused_layer():
+    sl = SparseLinear.from_dense(masked_linear(12, 4), backend="reference")
+    good = {k: v.clone() for k, v in sl.state_dict().items()}
+    for name, bad, match in [
+        ("weight_meta", lambda t: t.fill_(0x55), "holds positions 1 and 1"),
+        ("weight_meta", lambda t: t.to(torch.int64), "uint8 meta"),
+        ("weight_values", lambda t: t.double(), "float16, bfloat16 or float32"),
+        ("bias", lambda t: t.half(), "bias of weight_values's dtype"),
+    ]:
+        state = {k: v.clone() for k, v in good.items()}
+        state[name] = bad(state[name])
+        for layer in (SparseLinear.from_dense(masked_linear(12, 4)), SparseLinear.from_dense(masked_linear(12, 4),
+                                                                                            backend="reference")):
+            before = {k: v.clone() for k, v in layer.state_dict().items()}
+            with pytest.raises(RuntimeError, match=match):
+                layer.load_state_dict(state)
+            assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
 
 
 def test_forward_errors_name_the_module():

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import sparsekernels as sk
+from model_state import assert_same_state, model_state
 from sparsekernels.ops import dispatch
 from tolerances import assert_close_rel
 
@@ -330,6 +331,71 @@ def test_failure_midway_leaves_model_unchanged(monkeypatch):
         sk.sparsify(model)
     assert dict(model.named_modules()) == before
     assert all(type(m) in (Net, nn.Linear, nn.Conv2d) for m in model.modules())
+
+
+def _model_with_everything():
+    """Hooks, a layer in training mode, gradients, a frozen parameter, an encoder whose fast path sparsify guards."""
+    model = nn.Sequential(Net(), encoder_masked())
+    mask_model_24(model)
+    model[0].a.register_forward_hook(lambda m, i, o: None)
+    model[0].b.register_forward_pre_hook(lambda m, i: None)
+    model[0].b.train()
+    model[0].conv.eval()
+    model[0].a.weight.grad = torch.randn_like(model[0].a.weight)
+    model[0].a.bias.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("where", ["from_dense", "commit", "interrupt"])
+def test_sparsify_is_all_or_nothing(monkeypatch, where):
+    import sparsekernels.swap as swap
+
+    model = _model_with_everything()
+    before = model_state(model)
+    if where == "from_dense":
+        real = sk.SparseConv2d.from_dense.__func__
+        monkeypatch.setattr(sk.SparseConv2d, "from_dense", classmethod(
+            lambda cls, conv, **kw: (_ for _ in ()).throw(RuntimeError("simulated"))))
+        exc = RuntimeError
+    else:
+        real = swap.replace_modules
+        error = KeyboardInterrupt if where == "interrupt" else OSError
+
+        def half_then_fail(model_, replacements, occ):  # the commit fails after putting half the layers in
+            real(model_, dict(list(replacements.items())[: len(replacements) // 2]), occ)
+            raise error("simulated")
+
+        monkeypatch.setattr(swap, "replace_modules", half_then_fail)
+        exc = error
+    with pytest.raises(exc, match="simulated"):
+        sk.sparsify(model)
+    assert_same_state(before, model_state(model))
+    monkeypatch.undo()
+    assert len(sk.sparsify(model).swapped) > 2  # and it still works afterwards
+
+
+@pytest.mark.parametrize("where", ["to_dense", "commit"])
+def test_densify_is_all_or_nothing(monkeypatch, where):
+    import sparsekernels.swap as swap
+
+    model = _model_with_everything()
+    sk.sparsify(model)
+    before = model_state(model)
+    if where == "to_dense":
+        monkeypatch.setattr(sk.SparseConv2d, "to_dense", lambda self: (_ for _ in ()).throw(ValueError("simulated")))
+        match = "converting layer '0.conv'.*unchanged.*simulated"
+    else:
+        real = swap.replace_modules
+
+        def half_then_fail(model_, replacements, occ):
+            real(model_, dict(list(replacements.items())[:1]), occ)
+            raise RuntimeError("simulated")
+
+        monkeypatch.setattr(swap, "replace_modules", half_then_fail)
+        match = "simulated"
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        sk.densify(model)
+    assert_same_state(before, model_state(model))
 
 
 def test_block_pattern():

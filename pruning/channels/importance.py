@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..batches import default_loss
-from ..importance import NORM_LAYERS, ScoreCriterion, is_norm_scale, resolve_importance
+from ..importance import NORM_LAYERS, ScoreCriterion, check_finite_scores, is_norm_scale, resolve_importance
 from .graph import DependencyGraph
 
 __all__ = ["group_importance", "bn_scale_penalty"]
@@ -77,6 +77,7 @@ def _unit_scores(model, graph, crit: ScoreCriterion, calib, loss_fn, progress) -
         per = per_channel.get((pname, a.dim))
         if per is None:
             continue
+        check_finite_scores(crit.name, f"parameter {pname!r} (dim {a.dim})", per)
         per = per.numpy()
         mean = float(per.mean())
         per = per / mean if mean > 0 else per

@@ -12,6 +12,7 @@ from torch import nn
 from ..batches import call_model, check_batches, eval_mode, input_args, iter_tensors
 from ..importance import resolve_importance
 from ..training import finetune
+from ..transaction import read_only
 from .attention import PrunedMultiheadAttention
 from .graph import DependencyGraph, module_names
 from .importance import group_importance
@@ -319,7 +320,7 @@ def prune_channels(
     Coupled layers are found by tracing (:class:`DependencyGraph`), so residual adds, concatenations,
     depthwise / grouped convs, channel shuffles, squeeze-and-excitation, flatten -> Linear, normalisation
     layers and attention heads stay consistent. The input model is never modified, even when an error is
-    raised.
+    raised (:func:`pruning.transaction.read_only`).
 
     Args:
         model: the model (any ``nn.Module``; parameters float32/float64/half on any device).
@@ -353,12 +354,13 @@ def prune_channels(
         return_report: also return the :class:`ChannelPruningReport`.
 
     Returns:
-        The pruned model (a new object, in the input model's train/eval mode), or ``(model, report)``.
+        The pruned model (a new object, each module in its original's train / eval mode), or
+        ``(model, report)``.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; wrong argument types.
         ValueError: bad ``ratio`` / ``importance`` / ``round_to`` / ``steps`` / ``per_layer`` / ``ignore``;
-            a criterion that needs ``calib`` without it.
+            a criterion that needs ``calib`` without it; channel scores holding NaN or inf.
         TraceError (a ValueError): the forward pass failed while tracing (the message names the module), an
             unsupported op with ``strict=True``, or the pruned model failed its check forward pass.
     """
@@ -393,92 +395,98 @@ def prune_channels(
         raise TypeError(f"{_FN}: expected finetune_kwargs as a dict, got {type(finetune_kwargs).__name__}")
     # names of the ignored modules survive the deep copy
     ignore_names = module_names(model, ignore, _FN)
+    # The input model is only read (counted, traced, copied): it leaves this call exactly as it came in,
+    # values, modes and hooks, whatever happens (pruning.transaction).
+    with read_only(model):
+        try:
+            macs_before, macs_b, ref_out = count_macs(model, example_inputs, return_output=True)
+        except Exception as e:  # name the module where the user's model fails on these inputs
+            err, where, _ = _check_forward(model, example_inputs)
+            raise TraceError(f"{_FN}: the model's forward pass failed on example_inputs in {where or '<model>'!r} "
+                             f"({type(err or e).__name__}: {err or e})") from e
+        params_before = count_params(model)
+        ref_shapes = _shapes(ref_out)
+        del ref_out
 
-    try:
-        macs_before, macs_b, ref_out = count_macs(model, example_inputs, return_output=True)
-    except Exception as e:  # name the module where the user's model fails on these inputs
-        err, where, _ = _check_forward(model, example_inputs)
-        raise TraceError(f"{_FN}: the model's forward pass failed on example_inputs in {where or '<model>'!r} "
-                         f"({type(err or e).__name__}: {err or e})") from e
-    params_before = count_params(model)
-    ref_shapes = _shapes(ref_out)
-    del ref_out
+        work = model  # never modified: every step prunes a fresh copy
+        step_keep = 1.0 - (1.0 - ratio) ** (1.0 / steps)
+        total_keep: dict = {}
+        first_graph = None
+        first_groups = None
+        for step in range(steps):
+            opaque: dict = {}
+            for attempt in range(max_retries + 1):
+                trial = copy.deepcopy(work)
+                graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
+                scores = group_importance(trial, graph, criterion, calib=calib, loss_fn=loss_fn, progress=progress)
+                removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
+                                       round_to=round_to, max_group_ratio=max_group_ratio)
+                keep = apply_channel_pruning(trial, graph, removed)
+                err, where, out_shapes = _check_forward(trial, example_inputs)
+                if err is None and out_shapes == ref_shapes:
+                    break
+                if err is None:
+                    raise TraceError(f"{_FN}: the pruned model's output shapes {out_shapes} differ from the original "
+                                     f"{ref_shapes}")
+                if strict or not where or where in opaque or attempt == max_retries:
+                    raise TraceError(
+                        f"{_FN}: the pruned model failed its check forward pass in {where or '<model>'!r} "
+                        f"({type(err).__name__}: {err}); the tracer missed a channel coupling there; pass "
+                        "ignore=[...] with the modules around it"
+                    ) from err
+                # the module's code computes shapes the trace could not see: keep its channels and try again
+                opaque[where] = f"its code failed on pruned shapes ({type(err).__name__}), so its channels are kept"
+            work = trial
+            if first_graph is None:
+                first_graph = graph
+                first_groups = [(g.index, tuple(g.spaces), g.channels, len(g.units), g.unit_channels, g.frozen_reason,
+                                 list(g.units)) for g in graph.groups]
+            total_keep = _compose(total_keep, keep)
+            if finetune_data is not None:
+                finetune(work, finetune_data, loss_fn, progress=progress, **dict(finetune_kwargs or {}))
 
-    work = model  # never modified: every step prunes a fresh copy
-    step_keep = 1.0 - (1.0 - ratio) ** (1.0 / steps)
-    total_keep: dict = {}
-    first_graph = None
-    first_groups = None
-    for step in range(steps):
-        opaque: dict = {}
-        for attempt in range(max_retries + 1):
-            trial = copy.deepcopy(work)
-            graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
-            scores = group_importance(trial, graph, criterion, calib=calib, loss_fn=loss_fn, progress=progress)
-            removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
-                                   round_to=round_to, max_group_ratio=max_group_ratio)
-            keep = apply_channel_pruning(trial, graph, removed)
-            err, where, out_shapes = _check_forward(trial, example_inputs)
-            if err is None and out_shapes == ref_shapes:
-                break
-            if err is None:
-                raise TraceError(f"{_FN}: the pruned model's output shapes {out_shapes} differ from the original "
-                                 f"{ref_shapes}")
-            if strict or not where or where in opaque or attempt == max_retries:
-                raise TraceError(
-                    f"{_FN}: the pruned model failed its check forward pass in {where or '<model>'!r} "
-                    f"({type(err).__name__}: {err}); the tracer missed a channel coupling there; pass "
-                    "ignore=[...] with the modules around it"
-                ) from err
-            # the module's code computes shapes the trace could not see: keep its channels and try again
-            opaque[where] = f"its code failed on pruned shapes ({type(err).__name__}), so its channels are kept"
-        work = trial
-        if first_graph is None:
-            first_graph = graph
-            first_groups = [(g.index, tuple(g.spaces), g.channels, len(g.units), g.unit_channels, g.frozen_reason,
-                             list(g.units)) for g in graph.groups]
-        total_keep = _compose(total_keep, keep)
-        if finetune_data is not None:
-            finetune(work, finetune_data, loss_fn, progress=progress, **dict(finetune_kwargs or {}))
-
-    macs_after, macs_a = count_macs(work, example_inputs)
-    # group report from the first step's graph, counted against the final model's parameters
-    groups = []
-    final_shapes = {n: tuple(t.shape) for n, t in {**dict(work.named_parameters()), **dict(work.named_buffers())}.items()}
-    for (idx, spaces, channels, n_units, uc, reason, units) in first_groups:
-        g = first_graph.groups[idx]
-        after_units = n_units
-        after_ch = channels
-        # measure on the first attached parameter of the group
-        for pname in g.params:
-            for a in first_graph.attachments[pname]:
-                roots = first_graph.root_of(a.labels)
-                if not set(roots.tolist()) & set(units):
+        macs_after, macs_a = count_macs(work, example_inputs)
+        # group report from the first step's graph, counted against the final model's parameters
+        groups = []
+        final_shapes = {n: tuple(t.shape)
+                        for n, t in {**dict(work.named_parameters()), **dict(work.named_buffers())}.items()}
+        for (idx, spaces, channels, n_units, uc, reason, units) in first_groups:
+            g = first_graph.groups[idx]
+            after_units = n_units
+            after_ch = channels
+            # measure on the first attached parameter of the group
+            for pname in g.params:
+                for a in first_graph.attachments[pname]:
+                    roots = first_graph.root_of(a.labels)
+                    if not set(roots.tolist()) & set(units):
+                        continue
+                    if len(set(roots.tolist())) != n_units or len(roots) != a.labels.size:
+                        continue
+                    size_after = final_shapes.get(pname, (0,) * (a.dim + 1))[a.dim]
+                    after_ch = size_after * channels // max(len(roots), 1)
+                    after_units = after_ch // max(uc, 1)
+                    break
+                else:
                     continue
-                if len(set(roots.tolist())) != n_units or len(roots) != a.labels.size:
-                    continue
-                size_after = final_shapes.get(pname, (0,) * (a.dim + 1))[a.dim]
-                after_ch = size_after * channels // max(len(roots), 1)
-                after_units = after_ch // max(uc, 1)
                 break
-            else:
-                continue
-            break
-        kept_reason = None if after_ch < channels else (reason or ("a single unit" if n_units <= 1 else
-                                                                      "ratio or rounding left it whole"))
-        groups.append(GroupReport(idx, spaces, channels, after_ch, n_units, after_units, kept_reason))
-    report = ChannelPruningReport(
-        params_before=params_before,
-        params_after=count_params(work),
-        macs_before=macs_before,
-        macs_after=macs_after,
-        layers=layer_stats(model, work, macs_b, macs_a),
-        groups=tuple(groups),
-        kept=tuple(first_graph.frozen),
-        param_keep={k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in total_keep.items()},
-        importance=criterion.name,
-        ratio=ratio,
-        steps=steps,
-    )
-    work.train(model.training)
-    return (work, report) if return_report else work
+            kept_reason = None if after_ch < channels else (reason or ("a single unit" if n_units <= 1 else
+                                                                          "ratio or rounding left it whole"))
+            groups.append(GroupReport(idx, spaces, channels, after_ch, n_units, after_units, kept_reason))
+        report = ChannelPruningReport(
+            params_before=params_before,
+            params_after=count_params(work),
+            macs_before=macs_before,
+            macs_after=macs_after,
+            layers=layer_stats(model, work, macs_b, macs_a),
+            groups=tuple(groups),
+            kept=tuple(first_graph.frozen),
+            param_keep={k: {d: tuple(int(i) for i in v) for d, v in dims.items()} for k, dims in total_keep.items()},
+            importance=criterion.name,
+            ratio=ratio,
+            steps=steps,
+        )
+        # every module of the result in its original's mode (a frozen BatchNorm in a training model stays frozen)
+        modes = {name: m.training for name, m in model.named_modules()}
+        for name, m in work.named_modules():
+            m.training = modes.get(name, model.training)
+        return (work, report) if return_report else work

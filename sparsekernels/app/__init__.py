@@ -10,18 +10,54 @@ torchvision, transformers, matplotlib, triton) is imported lazily inside the fun
 by parsing every module's imports.
 
 Modules:
-    (this file)  the CLI helpers: UsageError, resolve_device, parse_dtype, parse_shape, load_factory
+    (this file)  the CLI helpers: UsageError, resolve_device, parse_dtype, parse_shape, load_factory,
+                 check_output_folder, check_output_file, and the size limits every command checks first
     demo         the main job on the built-in digits dataset (``sparsekernels demo``)
     prune        prune a torchvision / user model and save it (``sparsekernels prune``)
 """
 from __future__ import annotations
 
 import importlib
+import math
+import os
 import re
+import tempfile
+from pathlib import Path
 
 import torch
 
-__all__ = ["UsageError", "resolve_device", "parse_dtype", "parse_shape", "load_factory"]
+__all__ = [
+    "UsageError",
+    "resolve_device",
+    "parse_dtype",
+    "parse_shape",
+    "load_factory",
+    "check_output_folder",
+    "check_output_file",
+    "MAX_INPUT_ELEMENTS",
+    "MAX_INPUT_BYTES",
+    "SIZE_LIMITS",
+]
+
+# One example input may hold at most this many elements (512 MiB of float32), and the example plus the
+# calibration batches at most MAX_INPUT_BYTES: far above any model a CLI run prunes on a CPU, far below what
+# would make the machine swap before the first error could be printed.
+MAX_INPUT_ELEMENTS = 1 << 27
+MAX_INPUT_BYTES = 2 << 30
+
+# The largest value of every size setting of the commands (the CLI's options and DemoConfig): a demo at width
+# 512 has 256x the default's parameters, batch 16384 makes a 64x longer timed call; a larger value is refused
+# before any work starts.
+SIZE_LIMITS = {
+    "epochs": 1000,
+    "finetune_epochs": 1000,
+    "width": 512,
+    "batch": 16384,
+    "threads": 1024,
+    "rounds": 100,
+    "calib_batches": 1024,
+    "round_to": 4096,
+}
 
 
 class UsageError(ValueError):
@@ -71,8 +107,9 @@ def parse_dtype(spec: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[spec]
 
 
-def parse_shape(spec: str) -> tuple[int, ...]:
-    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; every size a positive integer.
+def parse_shape(spec: str, *, max_elements: int = MAX_INPUT_ELEMENTS) -> tuple[int, ...]:
+    """``"1,3,224,224"`` (or ``1x3x224x224``) -> ``(1, 3, 224, 224)``; every size a positive integer, at most 8
+    sizes, at most ``max_elements`` elements in all.
 
     Raises:
         UsageError: anything else.
@@ -84,8 +121,12 @@ def parse_shape(spec: str) -> tuple[int, ...]:
         shape = tuple(int(p) for p in re.split(r"\s*[,x×]\s*|\s+", text))
     else:
         shape = ()
-    if not shape or any(s < 1 for s in shape):
-        raise UsageError(f"expected a shape of positive integers like 1,3,224,224, got {spec!r}")
+    if not shape or any(s < 1 for s in shape) or len(shape) > 8:
+        raise UsageError(f"expected a shape of positive integers like 1,3,224,224 (at most 8 sizes), "
+                         f"got {spec!r}"[:300])
+    elements = math.prod(shape)
+    if elements > max_elements:
+        raise UsageError(f"shape {spec!r} has {elements:,} elements; the limit is {max_elements:,}"[:300])
     return shape
 
 
@@ -101,8 +142,9 @@ def load_factory(spec: str):
     module_name, attr = spec.split(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise UsageError(f"cannot import module {module_name!r} of factory {spec!r}: {e}") from e
+    except (Exception, SystemExit) as e:  # the user's module: whatever it raises at import is a usage error
+        raise UsageError(f"cannot import module {module_name!r} of factory {spec!r}: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:300]}") from e
     fn = module
     for part in attr.split("."):
         fn = getattr(fn, part, None)
@@ -111,3 +153,42 @@ def load_factory(spec: str):
     if not callable(fn):
         raise UsageError(f"factory {spec!r} is not callable (got {type(fn).__name__})")
     return fn
+
+
+def check_output_folder(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check, before any long work, that files can be created in the folder ``path``: it is a folder (or does not
+    exist yet and its nearest existing parent is a folder), and a probe file can be created and removed there.
+    Nothing is left behind; a missing folder is created only when results are written.
+
+    Raises:
+        UsageError: ``path`` is a file, lies under a file, or is not writable.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {str(path)!r}: exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"{option} {str(path)!r}: {str(existing)!r} is not a folder")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".sparsekernels-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UsageError(f"{option} {str(path)!r}: cannot create files in {str(existing)!r} "
+                         f"({e.strerror or type(e).__name__})") from e
+    return path
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """:func:`check_output_folder` for the folder of the file ``path``, which must not be a folder itself.
+
+    Raises:
+        UsageError: ``path`` is a folder, or its folder is not writable.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r}: is a folder, expected a file path")
+    check_output_folder(path.parent if str(path.parent) else Path("."), option)
+    return path

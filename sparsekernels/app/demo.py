@@ -12,7 +12,9 @@
 3. Each variant is swapped to the sparse runtime (``sparsekernels.sparsify``) and timed against the dense
    model at the same batch, in interleaved rounds (:func:`~sparsekernels.benchmarks.measure.time_interleaved`).
 4. The table -- accuracy, non-zero parameters, effective MACs, stored weight bytes, latency median and IQR,
-   speedup over dense -- is printed and written as JSON + Markdown with a PNG plot.
+   speedup over dense -- is printed and written as JSON + Markdown with a PNG plot, the three published
+   together, by default to ``./sparsekernels-output/demo/`` (:data:`DEMO_OUT`), never over the committed
+   results unless that folder is asked for. The folder is checked for writability before the first step.
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ import torch
 from torch import nn
 
 from ..benchmarks.measure import latency_columns
-from . import resolve_device
+from . import SIZE_LIMITS, check_output_folder, resolve_device
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "DEMO_COLUMNS"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "DEMO_COLUMNS", "DEMO_OUT"]
+
+
+# Where the demo writes when no folder is given: outside the committed results, relative to the current folder.
+DEMO_OUT = Path("sparsekernels-output") / "demo"
 
 
 @dataclass(frozen=True)
@@ -62,16 +68,14 @@ class DemoConfig:
     rounds: int = 7
 
     def __post_init__(self):
-        for name in ("epochs", "width", "batch", "rounds"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DemoConfig: expected {name} to be a positive int, got {value!r}")
-        if self.finetune_epochs is not None and (not isinstance(self.finetune_epochs, int) or self.finetune_epochs < 1):
-            raise ValueError(f"DemoConfig: expected finetune_epochs to be a positive int or None, got {self.finetune_epochs!r}")
+        for name in ("epochs", "finetune_epochs", "width", "batch", "threads", "rounds"):
+            value, limit = getattr(self, name), SIZE_LIMITS[name]
+            if value is None and name in ("finetune_epochs", "threads"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                raise ValueError(f"DemoConfig: expected {name} to be an int in 1..{limit}, got {value!r}")
         if not 0.0 < self.channel_ratio < 1.0:
             raise ValueError(f"DemoConfig: expected 0 < channel_ratio < 1, got {self.channel_ratio}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"DemoConfig: expected threads >= 1 or None, got {self.threads}")
 
     @property
     def ft_epochs(self) -> int:
@@ -131,6 +135,8 @@ def _swap(model: nn.Module):
 def _plot(path: Path, rows: list[dict], title: str, subtitle: str) -> Path:
     import matplotlib
 
+    from ..benchmarks.report import save_figure
+
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
@@ -168,9 +174,7 @@ def _plot(path: Path, rows: list[dict], title: str, subtitle: str) -> Path:
         ax.tick_params(axis="x", labelsize=8, rotation=15)
     fig.suptitle(f"{title}\n{subtitle}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_demo(
@@ -187,7 +191,9 @@ def run_demo(
         config: a :class:`DemoConfig`.
         device: where the models are timed (training always runs on the CPU: the digits are tiny);
             ``"auto"`` picks the GPU when there is one.
-        out_dir: output folder (default ``benchmarks/results/<device>/``).
+        out_dir: output folder (default :data:`DEMO_OUT`, ``./sparsekernels-output/demo/``: outside the committed
+            results; pass ``benchmarks/results/<device>`` to publish there). Checked for writability before any
+            work; the three files appear there together when the run ends, or not at all.
         progress: show progress bars.
         stream: where the table is printed (default ``sys.stdout``).
 
@@ -195,13 +201,13 @@ def run_demo(
         A :class:`DemoResult` (rows in the order dense, filters, 2:4, filters + 2:4).
 
     Raises:
-        UsageError: an unusable ``device``.
+        UsageError: an unusable ``device`` or ``out_dir``.
         TypeError: ``config`` is not a :class:`DemoConfig`.
     """
     from tqdm.auto import tqdm
 
     from ..benchmarks.measure import count_macs, cpu_timing_threads, nonzero_params, stored_bytes, time_interleaved
-    from ..benchmarks.report import markdown_table, results_dir, write_report
+    from ..benchmarks.report import markdown_table, publishing, write_report
     from ..environment import environment_stamp
     from ..examples.digits import DigitsCNN, evaluate_accuracy, load_digits_data, train_classifier
 
@@ -209,7 +215,7 @@ def run_demo(
         raise TypeError(f"run_demo(): expected a DemoConfig, got {type(config).__name__}")
     stream = stream or sys.stdout
     device = resolve_device(device)
-    out = Path(out_dir) if out_dir is not None else results_dir(device)
+    out = check_output_folder(out_dir if out_dir is not None else DEMO_OUT)  # before minutes of work, not after
     started = time.perf_counter()
     steps = tqdm(total=6, desc="demo", disable=not progress)
 
@@ -324,12 +330,13 @@ def run_demo(
         + f". The whole demo took {seconds:.0f} s."
     )
     plot_path = out / "demo.png"
-    out.mkdir(parents=True, exist_ok=True)
-    _plot(plot_path, rows, title, env["device"])
-    files = write_report(
-        "demo", rows, DEMO_COLUMNS, out_dir=out, device=device, title=title, notes=notes,
-        meta={"config": asdict(config), "seconds": seconds, "stage_seconds": stage_seconds}, plots=[plot_path], environment=env,
-    )
+    with publishing():  # the plot, the JSON and the Markdown appear together, or not at all
+        _plot(plot_path, rows, title, env["device"])
+        files = write_report(
+            "demo", rows, DEMO_COLUMNS, out_dir=out, device=device, title=title, notes=notes,
+            meta={"config": asdict(config), "seconds": seconds, "stage_seconds": stage_seconds}, plots=[plot_path],
+            environment=env,
+        )
     print(f"\n{title}\n{env['device']} · torch {env['torch']}\n", file=stream)
     print(markdown_table(rows, DEMO_COLUMNS), file=stream)
     for row in rows:

@@ -18,6 +18,7 @@ same model and settings, then ``load_state_dict``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import UsageError, load_factory, parse_shape
+from . import MAX_INPUT_BYTES, UsageError, check_output_file, load_factory, parse_shape
 
 __all__ = ["PruneConfig", "PruneResult", "build_model", "run_prune"]
 
@@ -182,7 +183,8 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
 
     Args:
         config: a :class:`PruneConfig`.
-        out: the output ``.safetensors`` path (its folder is created).
+        out: the output ``.safetensors`` path (its folder is created); checked for writability before any work,
+            written to a temporary beside it and renamed into place.
         progress: progress bars of the calibration.
         stream: where the report is printed (default ``sys.stdout``).
 
@@ -190,20 +192,27 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
         A :class:`PruneResult` with the pruned model, the per-layer rows and the path written.
 
     Raises:
-        UsageError: any bad setting (see :func:`build_model` and the pattern / ratio / importance rules), or
-            a model the pruner cannot handle (the pruner's message is passed on).
+        UsageError: any bad setting (see :func:`build_model` and the pattern / ratio / importance rules), an
+            ``out`` that cannot be written, inputs over :data:`~sparsekernels.app.MAX_INPUT_BYTES`, or a model
+            the pruner cannot handle (the pruner's message is passed on).
     """
     import pruning
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from ..benchmarks.report import markdown_table
+    from ..benchmarks.report import markdown_table, publishing
 
     stream = stream or sys.stdout
+    # Everything that can be checked is checked before the model is built and pruned.
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UsageError(f"expected --out to end in .safetensors, got {str(out)!r}")
+    check_output_file(out)
     pattern, ratio, importance = _check(config)
     shape = parse_shape(config.input_shape)
+    batches = 1 + (config.calib_batches if importance in ("wanda", "sparsegpt") else 0)
+    if math.prod(shape) * 4 * batches > MAX_INPUT_BYTES:
+        raise UsageError(f"--input-shape {config.input_shape} with {batches - 1} calibration batches needs "
+                         f"{math.prod(shape) * 4 * batches:,} bytes of inputs; the limit is {MAX_INPUT_BYTES:,}")
     model = build_model(config.model, config.factory).eval()
     gen = torch.Generator().manual_seed(config.seed)
     example = torch.randn(shape, generator=gen)
@@ -216,7 +225,7 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
     try:
         if pattern == "channels":
             pruned = pruning.prune_channels(model, example, ratio=ratio, importance=importance,
-                                            round_to=config.round_to)
+                                            round_to=config.round_to, progress=progress)
             report = None
         else:
             calib = None
@@ -224,7 +233,8 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
                 calib = [torch.randn(shape, generator=gen) for _ in range(config.calib_batches)]
             kwargs = {"sparsity": ratio} if pattern == "unstructured" else {}
             pruned = model
-            report = pruning.prune_weights(pruned, pattern=pattern, importance=importance, calib=calib, **kwargs)
+            report = pruning.prune_weights(pruned, pattern=pattern, importance=importance, calib=calib,
+                                           progress=progress, **kwargs)
             pruning.remove_masks(pruned)
     except (ValueError, TypeError, NotImplementedError) as e:
         raise UsageError(f"cannot prune {config.model!r} with --pattern {pattern}: {e}") from e
@@ -252,8 +262,8 @@ def run_prune(config: PruneConfig, *, out: str | os.PathLike, progress: bool = T
         "config": asdict(config), "pattern": pattern, "ratio": ratio, "importance": importance,
         "shapes": {k: list(v) for k, v in after["shapes"].items()},
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata={"sparsekernels.prune": json.dumps(meta)})
+    with publishing() as results:  # a temporary beside --out, renamed into place: never half a file
+        results.write_bytes(out, save(state, metadata={"sparsekernels.prune": json.dumps(meta)}))
 
     cols = (("layer", "layer"), ("shape_before", "weight before"), ("shape_after", "weight after"),
             ("sparsity", "sparsity", ".1%"), ("macs_before", "MACs before", ",d"), ("macs_after", "MACs after", ",d"))

@@ -193,24 +193,27 @@ def _render_md(doc: dict) -> str:
 
 def _write(out: Path, device, env: dict, budget_s: float, result: GpuSuiteResult, sections: list,
            plot_specs: dict) -> list[Path]:
-    from .report import SCHEMA, SUITE_SCHEMA, jsonable, normalize_columns, plot_lines
+    """Publish the suite's files as they stand (after every step): the JSON, the Markdown and the plots of one
+    moment, together (:func:`~sparsekernels.benchmarks.report.publishing`)."""
+    from .report import SCHEMA, SUITE_SCHEMA, jsonable, normalize_columns, plot_lines, publishing
 
-    plots = []
-    for stem, spec in plot_specs.items():
-        try:
-            plots.append(plot_lines(out / f"{stem}.png", subtitle=env.get("device", ""), **spec))
-        except ValueError:  # no finite point: no plot, said in the JSON
-            result.skipped[f"plot {stem}"] = "no finite points to plot"
-    doc = {
-        "schema": SUITE_SCHEMA, "name": "gpu_suite", "title": "GPU suite", "environment": env,
-        "budget_s": budget_s, "seconds": result.seconds, "ran": dict(result.ran), "skipped": dict(result.skipped),
-        "sections": [{"schema": SCHEMA, "environment": env, "plots": [], "meta": {}, **jsonable(s),
-                      "columns": [c.as_dict() for c in normalize_columns(s["columns"])]} for s in sections],
-        "plots": [p.name for p in plots],
-    }
-    (out / "gpu_suite.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (out / "gpu_suite.md").write_text(_render_md(doc))
-    files = [out / "gpu_suite.json", out / "gpu_suite.md", *plots]
+    with publishing() as staged:
+        plots = []
+        for stem, spec in plot_specs.items():
+            try:
+                plots.append(plot_lines(out / f"{stem}.png", subtitle=env.get("device", ""), **spec))
+            except ValueError:  # no finite point: no plot, said in the JSON
+                result.skipped[f"plot {stem}"] = "no finite points to plot"
+        doc = {
+            "schema": SUITE_SCHEMA, "name": "gpu_suite", "title": "GPU suite", "environment": env,
+            "budget_s": budget_s, "seconds": result.seconds, "ran": dict(result.ran), "skipped": dict(result.skipped),
+            "sections": [{"schema": SCHEMA, "environment": env, "plots": [], "meta": {}, **jsonable(s),
+                          "columns": [c.as_dict() for c in normalize_columns(s["columns"])]} for s in sections],
+            "plots": [p.name for p in plots],
+        }
+        staged.write_text(out / "gpu_suite.md", _render_md(doc))
+        staged.write_text(out / "gpu_suite.json", json.dumps(doc, indent=2) + "\n")
+        files = [out / "gpu_suite.json", out / "gpu_suite.md", *plots]
     assert len(files) <= MAX_FILES, f"the GPU suite must write at most {MAX_FILES} files, wrote {len(files)}"
     return files
 

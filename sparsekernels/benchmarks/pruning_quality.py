@@ -371,12 +371,11 @@ def run_pruning_quality(
     """
     from ..environment import environment_stamp
     from .measure import cpu_timing_threads
-    from .report import results_dir
+    from .report import publishing, results_dir
 
     if threads < 1:
         raise ValueError(f"run_pruning_quality(): expected threads >= 1, got {threads}")
     out = Path(out_dir) if out_dir is not None else results_dir("cpu")
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with cpu_timing_threads("cpu", threads):
         if quick:
@@ -407,8 +406,9 @@ def run_pruning_quality(
     }
     stem = "pruning_quality_quick" if quick else "pruning_quality"
     json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
-    md_path.write_text(render_markdown(result))
+    with publishing() as results:
+        results.write_text(md_path, render_markdown(result))
+        results.write_text(json_path, json.dumps(result, indent=2) + "\n")
     return result, json_path, md_path
 
 

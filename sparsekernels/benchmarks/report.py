@@ -9,13 +9,27 @@ The JSON schema (``"schema": "sparsekernels.report/1"``)::
      "rows": [{...}, ...], "notes": "...", "meta": {...}}
 
 ``sparsekernels.benchmarks.readme`` renders the README's results section from these files, so the README tables are
-always the files' tables. Plots use matplotlib's non-interactive Agg backend (no display needed).
+always the files' tables, after each one has been checked against its schema there. Plots use matplotlib's
+non-interactive Agg backend (no display needed).
+
+Publishing: nothing here writes a result file in place. Every writer stages its file as a hidden temporary
+(``.<name>.<random>.partial``) in the target folder and renames it into place, so a reader never sees half a
+file. Inside ``with publishing():`` the files of every writer join one :class:`ResultSet` and are renamed into
+place together when the block ends without an error, the JSON files last, with Ctrl-C held back during the
+renames; an error or Ctrl-C inside the block deletes the temporaries and leaves every earlier file as it was.
+So a JSON report, its Markdown page and its plots are always from the same run.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import io
 import json
 import math
 import os
+import shutil
+import signal
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -40,6 +54,11 @@ __all__ = [
     "write_report",
     "read_report",
     "plot_lines",
+    "save_figure",
+    "ResultSet",
+    "publishing",
+    "load_result_json",
+    "MAX_RESULT_BYTES",
 ]
 
 SCHEMA = "sparsekernels.report/1"
@@ -112,7 +131,7 @@ def format_value(value, fmt: str = "") -> str:
             return format(value, fmt)
         except ValueError:  # e.g. ",d" given a float
             return format(float(value), fmt.replace("d", ".0f"))
-    return str(value).replace("|", "\\|")
+    return " ".join(str(value).split("\n")).replace("|", "\\|")
 
 
 def markdown_table(rows: Iterable[Mapping], columns: Sequence[Column | Mapping | tuple]) -> str:
@@ -180,14 +199,15 @@ def write_report(
         rows: one dict per table row (JSON-serialisable values; NaN/inf are written as ``null``).
         columns: the table's columns (:class:`Column` or ``(key, header, fmt)``); the JSON keeps every
             row key, the Markdown shows these.
-        out_dir: folder to write to (created); usually :func:`results_dir`.
+        out_dir: folder to write to (created when the files are published); usually :func:`results_dir`.
         device: the device the numbers were measured on (for the environment stamp).
         title, notes, meta: a heading, a paragraph under the table, extra JSON data.
         plots: PNG paths to link from the Markdown (written relative to ``out_dir`` when inside it).
         environment: a stamp to use instead of a fresh ``environment_stamp(device)``.
 
     Returns:
-        :class:`ReportFiles` with both paths.
+        :class:`ReportFiles` with both paths (published on return, or when the enclosing :func:`publishing`
+        block ends).
 
     Raises:
         ValueError: a bad ``name`` or an empty ``columns``.
@@ -199,7 +219,6 @@ def write_report(
     if not cols:
         raise ValueError("write_report(): expected at least one column, got none")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plot_refs = []
     for p in plots:
         p = Path(p)
@@ -219,18 +238,20 @@ def write_report(
         "meta": jsonable(dict(meta or {})),
     }
     json_path, md_path = out / f"{name}.json", out / f"{name}.md"
-    json_path.write_text(json.dumps(report, indent=2) + "\n")
-    md_path.write_text(render_markdown(report))
+    with publishing() as results:
+        results.write_text(md_path, render_markdown(report))
+        results.write_text(json_path, json.dumps(report, indent=2) + "\n")
     return ReportFiles(json_path, md_path)
 
 
 def read_report(path: str | os.PathLike) -> dict:
-    """Load a report JSON written by :func:`write_report`.
+    """Load a report JSON written by :func:`write_report` (the README generator checks every field:
+    :func:`sparsekernels.benchmarks.readme.check_report`).
 
     Raises:
-        ValueError: the file is not a ``sparsekernels.report/1`` report.
+        ValueError: the file is too large, not JSON, or not a ``sparsekernels.report/1`` report.
     """
-    data = json.loads(Path(path).read_text())
+    data = load_result_json(path)
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ValueError(f"read_report(): expected a {SCHEMA} JSON file, got {path} without that schema")
     return data
@@ -287,7 +308,167 @@ def plot_lines(
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Render a matplotlib figure as PNG and write it to ``path`` like every result file (staged, published with
+    its set); closes the figure."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    try:
+        fig.savefig(buffer, format="png")
+    finally:
+        plt.close(fig)
+    _stage(Path(path), buffer.getvalue())
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Publishing: temporaries in the target folder, renamed into place together
+
+
+def _file_mode(path: Path) -> int:
+    """The permission bits a new file at ``path`` gets: the file's own if it exists, else what the umask allows
+    (temporary files start private)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+class ResultSet:
+    """Files staged to be published together (see the module docstring); made by :func:`publishing`."""
+
+    def __init__(self):
+        self._staged: dict[Path, Path] = {}  # final path -> its temporary
+
+    def write_bytes(self, path: str | os.PathLike, data: bytes) -> Path:
+        """Stage ``data`` for ``path`` (its folder is created); returns ``path``. Staging the same path again
+        replaces the earlier data."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                os.chmod(tmp, _file_mode(path))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        old = self._staged.pop(path, None)
+        if old is not None:
+            old.unlink(missing_ok=True)
+        self._staged[path] = Path(tmp)
+        return path
+
+    def write_text(self, path: str | os.PathLike, text: str) -> Path:
+        """Stage ``text`` (UTF-8) for ``path``; returns ``path``."""
+        return self.write_bytes(path, text.encode("utf-8"))
+
+    @property
+    def paths(self) -> list[Path]:
+        """The final paths staged so far."""
+        return list(self._staged)
+
+    def publish(self) -> list[Path]:
+        """Rename every staged file into place (JSON files last), with SIGINT held back meanwhile; returns the
+        paths. If a rename fails, the files already renamed are put back as they were (the earlier version, kept
+        as a hard link until the set is in place, or no file), the temporaries are deleted, and the error raised.
+        """
+        order = sorted(self._staged, key=lambda p: p.suffix == ".json")
+        blocked = hasattr(signal, "pthread_sigmask")
+        if blocked:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        earlier: dict[Path, Path] = {}  # final path -> the file it replaces, kept until the set is in place
+        renamed: list[Path] = []
+        try:
+            for path in order:
+                if path.exists():
+                    link = self._staged[path].with_suffix(".earlier.partial")
+                    try:
+                        os.link(path, link)
+                    except OSError:  # a file system without hard links
+                        shutil.copy2(path, link)
+                    earlier[path] = link
+                os.replace(self._staged[path], path)
+                renamed.append(path)
+        except BaseException:
+            for path in renamed:
+                if path in earlier:
+                    os.replace(earlier[path], path)
+                else:
+                    path.unlink(missing_ok=True)
+            raise
+        finally:
+            for link in earlier.values():
+                link.unlink(missing_ok=True)
+            if blocked:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            self.discard()
+        return order
+
+    def discard(self) -> None:
+        """Delete every temporary not yet published."""
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+
+
+_ACTIVE: contextvars.ContextVar[ResultSet | None] = contextvars.ContextVar("sparsekernels_result_set", default=None)
+
+
+@contextlib.contextmanager
+def publishing():
+    """Publish every result file written in the block together, or none of them (see the module docstring).
+
+    Nested blocks join the outermost one. Yields the :class:`ResultSet`.
+    """
+    outer = _ACTIVE.get()
+    if outer is not None:
+        yield outer
+        return
+    results = ResultSet()
+    token = _ACTIVE.set(results)
+    try:
+        yield results
+        results.publish()
+    finally:
+        results.discard()  # whatever was not published: after an error, all of it
+        _ACTIVE.reset(token)
+
+
+def _stage(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through the active result set, or alone (atomically) when there is none."""
+    with publishing() as results:
+        results.write_bytes(path, data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading result files
+
+# A results file larger than this is refused unread (the largest committed one is about 50 KB).
+MAX_RESULT_BYTES = 16 << 20
+
+
+def load_result_json(path: str | os.PathLike):
+    """Parse a results file, refusing one over :data:`MAX_RESULT_BYTES`, not UTF-8, not JSON, or nested too deep.
+
+    Raises:
+        ValueError: ``<path>: file: <what is wrong>``.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_RESULT_BYTES:
+        raise ValueError(f"{path}: file: {size:,} bytes, more than the {MAX_RESULT_BYTES:,} a results file may have")
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: file: not valid JSON ({type(e).__name__}: {' '.join(str(e).split())[:200]})") \
+            from None

@@ -18,6 +18,8 @@
 
 Results are written under ``--out`` (default ``benchmarks/results/<device>/``) with the report writer of
 :mod:`sparsekernels.benchmarks.report`, so :mod:`sparsekernels.benchmarks.readme` can put them in the README.
+Each suite's files (JSON, Markdown, plots) are published together when it ends, or not at all: an error or
+Ctrl-C leaves the files of earlier runs as they were.
 """
 from __future__ import annotations
 
@@ -126,7 +128,7 @@ def run_bench(
     Raises:
         ValueError: the arguments do not fit the selection (:func:`check_selection`).
     """
-    from .report import results_dir
+    from .report import publishing, results_dir
 
     stream = stream or sys.stdout
     dev = check_selection(which, device, dtype, budget_s)
@@ -137,38 +139,45 @@ def run_bench(
         return run_gpu_suite(out, device=dev, budget_s=budget_s if budget_s is not None else 480.0,
                              progress=progress, stream=stream).files
     dt = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    out.mkdir(parents=True, exist_ok=True)
     paths: list[Path] = []
+    # Each suite's files are one set: published together when the suite ends, or not at all (report.publishing).
     if which in ("kernels", "all"):
-        paths += run_kernels(dev, None if dtype is None else [dtype], quick=quick, out_dir=out, progress=progress,
-                             stem="kernels_linear24_quick" if quick else "kernels_linear24")[1]
+        with publishing():
+            paths += run_kernels(dev, None if dtype is None else [dtype], quick=quick, out_dir=out, progress=progress,
+                                 stem="kernels_linear24_quick" if quick else "kernels_linear24")[1]
     if which in ("layers", "all"):
         from .layers import run_layer_suite
 
-        paths += run_layer_suite(dev, dtype=dt, quick=quick, out_dir=out, progress=progress)
+        with publishing():
+            paths += run_layer_suite(dev, dtype=dt, quick=quick, out_dir=out, progress=progress)
     if which in ("models", "all"):
         from .models import run_model_suites
 
-        paths += run_model_suites(dev, dt, quick=quick, out_dir=out, progress=progress)
+        with publishing():
+            paths += run_model_suites(dev, dt, quick=quick, out_dir=out, progress=progress)
     if which == "memory":
         from .cpu_memory import run_cpu_memory
 
-        files = run_cpu_memory(quick=quick, dtype=dt, out_dir=out, progress=progress)
+        with publishing():
+            files = run_cpu_memory(quick=quick, dtype=dt, out_dir=out, progress=progress)
         paths += [files.json, files.markdown]
     if which == "channel-latency":
         from .channel_latency import run_channel_latency
 
-        files = run_channel_latency(dev, dtype=dt, quick=quick, out_dir=out, progress=progress)
+        with publishing():
+            files = run_channel_latency(dev, dtype=dt, quick=quick, out_dir=out, progress=progress)
         paths += [files.json, files.markdown]
     if which == "pruning-quality":
         from .pruning_quality import run_pruning_quality
 
-        paths += run_pruning_quality(quick=quick, out_dir=out, progress=progress)[1:]
+        with publishing():
+            paths += run_pruning_quality(quick=quick, out_dir=out, progress=progress)[1:]
     if which == "cpu-auto":
         from .cpu_auto import run_cpu_auto
 
-        paths += [p for files in run_cpu_auto(quick=quick, out_dir=out, progress=progress)
-                  for p in (files.json, files.markdown)]
+        with publishing():
+            paths += [p for files in run_cpu_auto(quick=quick, out_dir=out, progress=progress)
+                      for p in (files.json, files.markdown)]
     for p in paths:
         print(f"wrote {p}", file=stream)
     return paths

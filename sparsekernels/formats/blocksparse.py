@@ -12,6 +12,12 @@ A dense weight ``W`` of shape ``[out, in]`` is cut into square ``bs x bs`` block
 Shapes that are not multiples of ``bs`` are padded with zeros *internally*: the edge blocks are stored
 full size, their elements outside ``[out, in]`` are zeros, and :attr:`BlockSparseWeight.shape` keeps the
 logical dense shape. Kernels mask the padded rows and columns.
+
+A valid structure is what :func:`compress_blocks` writes: ``row_ptr`` starts at 0, never decreases and ends at
+``nnz_blocks``; ``col_idx`` holds block columns in ``[0, ceil(in / bs))``, strictly increasing within a block
+row; the padding of edge blocks is zero. :meth:`BlockSparseWeight.validate` checks exactly that (one pass over the
+index arrays and the edge blocks); loaders call it, the per-call op checks do not. The Triton kernel never reads
+outside its tensors whatever the indices hold, and every backend adds blocks stored at one position.
 """
 from __future__ import annotations
 
@@ -19,10 +25,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["BlockSparseWeight", "compress_blocks", "block_sparsity", "cdiv", "BLOCK_SIZES", "INDEX_DTYPE", "SUPPORTED_DTYPES"]
+from .common import SUPPORTED_DTYPES, CompressedWeight
+
+__all__ = [
+    "BlockSparseWeight", "compress_blocks", "block_sparsity", "cdiv", "check_block_structure", "BLOCK_SIZES",
+    "INDEX_DTYPE", "SUPPORTED_DTYPES",
+]
 
 BLOCK_SIZES = (16, 32, 64)
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPE = torch.int32
 
 
@@ -52,6 +62,50 @@ def _check_weight(fn: str, weight) -> None:
         raise ValueError(f"{fn}: expected a weight with data, got a tensor on the meta device")
 
 
+def _first(mask: torch.Tensor) -> int:
+    """Index of the first True of a 1-D bool tensor, or -1."""
+    hit = torch.nonzero(mask)
+    return int(hit[0, 0]) if hit.numel() else -1
+
+
+def check_block_structure(fn: str, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_block_cols: int) -> None:
+    """Raise ``ValueError`` naming ``fn`` unless ``row_ptr`` / ``col_idx`` are a structure :func:`compress_blocks`
+    could have written: ``row_ptr`` starts at 0, never decreases and ends at ``col_idx.numel()``; every ``col_idx``
+    is in ``[0, n_block_cols)`` and strictly increasing within its block row.
+
+    Args:
+        row_ptr, col_idx: 1-D integer tensors (shapes and dtypes are the caller's to check), not on the meta device.
+        n_block_cols: ``ceil(in / bs)``.
+    """
+    rp = row_ptr.detach().to(torch.int64)
+    ci = col_idx.detach().to(torch.int64)
+    nnz = ci.numel()
+    if int(rp[0]) != 0:
+        raise ValueError(f"{fn}: expected block_row_ptr[0] == 0, got {int(rp[0])}")
+    i = _first(rp[1:] < rp[:-1])
+    if i >= 0:
+        raise ValueError(
+            f"{fn}: expected a non-decreasing block_row_ptr; block_row_ptr[{i + 1}] = {int(rp[i + 1])} is less than "
+            f"block_row_ptr[{i}] = {int(rp[i])}"
+        )
+    if int(rp[-1]) != nnz:
+        raise ValueError(
+            f"{fn}: expected block_row_ptr[-1] == nnz_blocks = {nnz} (the number of stored blocks), got {int(rp[-1])}"
+        )
+    j = _first((ci < 0) | (ci >= n_block_cols))
+    if j >= 0:
+        raise ValueError(f"{fn}: expected block_col_idx in [0, {n_block_cols}), got block_col_idx[{j}] = {int(ci[j])}")
+    if nnz > 1:
+        starts = torch.zeros(nnz, dtype=torch.bool, device=ci.device)
+        starts[rp[:-1][rp[:-1] < nnz]] = True
+        j = _first((ci[1:] <= ci[:-1]) & ~starts[1:])
+        if j >= 0:
+            raise ValueError(
+                f"{fn}: expected block columns strictly increasing within a block row; block_col_idx[{j + 1}] = "
+                f"{int(ci[j + 1])} follows {int(ci[j])} in the same block row"
+            )
+
+
 def _blocks(weight: torch.Tensor, block_size: int) -> torch.Tensor:
     """Zero-pad ``weight`` to whole blocks and view it as ``[n_block_rows, n_block_cols, bs, bs]``."""
     out, k = weight.shape
@@ -78,7 +132,7 @@ def block_sparsity(weight: torch.Tensor, block_size: int) -> float:
 
 
 @dataclass(frozen=True)
-class BlockSparseWeight:
+class BlockSparseWeight(CompressedWeight):
     """A block-sparse weight. Build it with :func:`compress_blocks`.
 
     Attributes:
@@ -98,7 +152,16 @@ class BlockSparseWeight:
     def __post_init__(self):
         fn = "BlockSparseWeight"
         _check_block_size(fn, self.block_size)
-        out, k = self.shape
+        shape = self.shape
+        if (not isinstance(shape, tuple) or len(shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(f"{fn}: expected shape (out, in) of two positive ints, got {shape!r}")
+        for name in ("values", "row_ptr", "col_idx"):
+            if not isinstance(getattr(self, name), torch.Tensor):
+                raise TypeError(f"{fn}: expected {name} to be a tensor, got {type(getattr(self, name)).__name__}")
+        if not self.values.dtype.is_floating_point:
+            raise TypeError(f"{fn}: expected floating-point values, got {self.values.dtype}")
+        out, k = shape
         bs = self.block_size
         if self.values.dim() != 3 or tuple(self.values.shape[1:]) != (bs, bs):
             raise ValueError(f"{fn}: expected values of shape [nnz_blocks, {bs}, {bs}], got {tuple(self.values.shape)}")
@@ -118,13 +181,38 @@ class BlockSparseWeight:
                 f"col_idx on {self.col_idx.device}; expected one device"
             )
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.values.dtype
+    def validate(self) -> "BlockSparseWeight":
+        """Check the structure (:func:`check_block_structure`) and that the padding of edge blocks is zero: one pass
+        over the index arrays and the edge blocks, for loaders. Returns ``self``.
 
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
+        Raises:
+            ValueError: naming the first offending entry.
+        """
+        if self.values.device.type == "meta":
+            return self
+        fn = "BlockSparseWeight.validate()"
+        nbr, nbc = self.grid
+        check_block_structure(fn, self.row_ptr, self.col_idx, nbc)
+        out, k = self.shape
+        bs = self.block_size
+        values = self.values.detach()
+        if out % bs:
+            last_row = values[int(self.row_ptr[nbr - 1]):int(self.row_ptr[nbr]), out % bs:]
+            j = _first(last_row.flatten(1).ne(0).any(1))
+            if j >= 0:
+                raise ValueError(
+                    f"{fn}: expected zeros in the padding rows {out % bs}..{bs - 1} of the edge blocks of block row "
+                    f"{nbr - 1} (out = {out}); block {int(self.row_ptr[nbr - 1]) + j} has a non-zero there"
+                )
+        if k % bs:
+            edge = torch.nonzero(self.col_idx == nbc - 1).reshape(-1)
+            j = _first(values[edge, :, k % bs:].flatten(1).ne(0).any(1))
+            if j >= 0:
+                raise ValueError(
+                    f"{fn}: expected zeros in the padding columns {k % bs}..{bs - 1} of the edge blocks of block "
+                    f"column {nbc - 1} (in = {k}); block {int(edge[j])} has a non-zero there"
+                )
+        return self
 
     @property
     def nnz_blocks(self) -> int:
@@ -156,12 +244,13 @@ class BlockSparseWeight:
         return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
 
     def to_dense(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight (exact round trip of :func:`compress_blocks`)."""
+        """The dense ``[out, in]`` weight (exact round trip of :func:`compress_blocks`; blocks stored at one position
+        add, as in every kernel)."""
         out, k = self.shape
         bs = self.block_size
         nbr, nbc = self.grid
         grid = torch.zeros(nbr, nbc, bs, bs, dtype=self.values.dtype, device=self.values.device)
-        grid[self.block_rows(), self.col_idx.to(torch.int64)] = self.values
+        grid.index_put_((self.block_rows(), self.col_idx.to(torch.int64)), self.values, accumulate=True)
         return grid.permute(0, 2, 1, 3).reshape(nbr * bs, nbc * bs)[:out, :k].contiguous()
 
     def to(self, *args, **kwargs) -> "BlockSparseWeight":

@@ -16,6 +16,7 @@ See ``docs/architecture.md`` for a complete example.
 """
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar, Optional
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "dtype_reason",
     "register_bias",
     "copy_into",
+    "check_loaded_values",
 ]
 
 
@@ -73,6 +75,22 @@ def dtype_reason(layer: nn.Module, *, bias_too: bool) -> Optional[str]:
     if bias_too and layer.bias is not None and layer.bias.dtype != w.dtype:
         return f"bias dtype {layer.bias.dtype} differs from the weight dtype {w.dtype}"
     return None
+
+
+def check_loaded_values(state_dict, prefix: str, name: str) -> None:
+    """The weight values ``state_dict[prefix + name]`` a sparse module is given must have a supported dtype, and
+    the bias beside them (if any) their dtype and device, as every op requires.
+
+    Raises:
+        TypeError / ValueError: naming the entry.
+    """
+    values = state_dict[prefix + name]
+    if values.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"expected {prefix}{name} of dtype float16, bfloat16 or float32, got {values.dtype}")
+    bias = state_dict.get(prefix + "bias")
+    if isinstance(bias, torch.Tensor) and (bias.dtype != values.dtype or bias.device != values.device):
+        raise ValueError(f"expected {prefix}bias of {name}'s dtype {values.dtype} on {values.device}, got "
+                         f"{bias.dtype} on {bias.device}")
 
 
 def register_bias(module: nn.Module, bias: bool, out: int, device, dtype: torch.dtype) -> None:
@@ -171,6 +189,30 @@ class SparseModule(nn.Module):
     def constructor_args(self) -> dict:
         """The JSON-serialisable keyword arguments that rebuild this module's (uninitialised) state."""
         raise NotImplementedError
+
+    @classmethod
+    def dense_args(cls, module: nn.Module) -> dict:
+        """The constructor arguments that ``module`` fixes: the sizes and geometry of the layer it replaces (a
+        :attr:`dense_type` layer, or an instance of this class), not what only the sparse weight knows (e.g. the
+        number of kept blocks). ``load_sparse`` refuses a checkpoint record that disagrees with them.
+
+        The default takes every constructor parameter that ``module`` has as an attribute, and ``bias`` as whether
+        ``module`` has one. A subclass whose constructor arguments are not plain attributes of the dense layer
+        overrides it.
+
+        Raises:
+            ValueError: ``module`` has a geometry this class cannot compute (e.g. a grouped convolution).
+        """
+        args = {}
+        for name, param in inspect.signature(cls.__init__).parameters.items():
+            if name in ("self", "backend", "device", "dtype") or param.kind in (param.VAR_POSITIONAL,
+                                                                                  param.VAR_KEYWORD):
+                continue
+            if name == "bias":
+                args["bias"] = getattr(module, "bias", None) is not None
+            elif isinstance(getattr(module, name, None), (int, tuple, list)):
+                args[name] = getattr(module, name)
+        return args
 
     def stored_bytes(self) -> int:
         """Bytes of the weight as stored in the state dict (values and metadata; the bias not counted)."""

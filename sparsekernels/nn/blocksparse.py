@@ -9,7 +9,16 @@ from torch import nn
 
 from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, block_sparsity, cdiv, compress_blocks
 from ..ops.functional import block_sparse_linear
-from .base import SparseModule, check_dtype, check_size, copy_into, dtype_reason, register_bias, register_sparse_module
+from .base import (
+    SparseModule,
+    check_dtype,
+    check_loaded_values,
+    check_size,
+    copy_into,
+    dtype_reason,
+    register_bias,
+    register_sparse_module,
+)
 
 __all__ = ["BlockSparseLinear"]
 
@@ -88,12 +97,12 @@ class BlockSparseLinear(SparseModule):
         self.block_values = nn.Parameter(
             torch.zeros(nnz_blocks, block_size, block_size, device=device, dtype=dtype), requires_grad=False
         )
-        # A valid placeholder structure: the first nnz_blocks blocks in row-major order.
-        # (plain Python: under `with torch.device("meta")` torch factories would build meta tensors)
-        row_ptr = [min(nnz_blocks, i * nbc) for i in range(nbr + 1)]
-        col_idx = [j % nbc for j in range(nnz_blocks)]
-        self.register_buffer("block_row_ptr", torch.tensor(row_ptr, dtype=INDEX_DTYPE, device=device))
-        self.register_buffer("block_col_idx", torch.tensor(col_idx, dtype=INDEX_DTYPE, device=device))
+        # A valid placeholder structure: the first nnz_blocks blocks in row-major order (computed where the state
+        # lives: nothing at all on the meta device).
+        row_ptr = (torch.arange(nbr + 1, dtype=torch.int64, device=device) * nbc).clamp_(max=nnz_blocks)
+        col_idx = torch.arange(nnz_blocks, dtype=torch.int64, device=device) % nbc
+        self.register_buffer("block_row_ptr", row_ptr.to(INDEX_DTYPE))
+        self.register_buffer("block_col_idx", col_idx.to(INDEX_DTYPE))
         register_bias(self, bias, out_features, device, dtype)
         self.prepare_op()
 
@@ -143,6 +152,8 @@ class BlockSparseLinear(SparseModule):
         reason = dtype_reason(linear, bias_too=True)
         if reason is not None:
             return reason
+        if linear.weight.numel() == 0:
+            return f"the weight is empty ({linear.out_features}x{linear.in_features})"
         if linear.weight.device.type == "meta":
             return "weight is on the meta device (its sparsity pattern is unknown)"
         return cls._choose_block_size(linear, block_size, min_block_sparsity)[1]
@@ -205,6 +216,37 @@ class BlockSparseLinear(SparseModule):
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=weight.device,
                            dtype=weight.dtype)
         return copy_into(linear, weight, self.bias)
+
+    @classmethod
+    def dense_args(cls, linear: nn.Module) -> dict:
+        """The sizes ``linear`` fixes (the number of kept blocks and the block size are the weight's own)."""
+        return {"in_features": linear.in_features, "out_features": linear.out_features,
+                "bias": linear.bias is not None}
+
+    def loaded_weight_blocks(self, state_dict, prefix: str):
+        """The block-sparse weight ``state_dict`` holds for this layer, checked (shapes, dtypes, devices, the
+        structure and the padding of edge blocks), or None when it lacks one of the three tensors.
+
+        Raises:
+            TypeError / ValueError: what is wrong, naming the entry.
+        """
+        names = [prefix + n for n in ("block_values", "block_row_ptr", "block_col_idx")]
+        if not all(n in state_dict for n in names):
+            return None
+        wb = BlockSparseWeight(state_dict[names[0]], state_dict[names[1]], state_dict[names[2]],
+                               (self.out_features, self.in_features), self.block_size)
+        check_loaded_values(state_dict, prefix, "block_values")
+        return wb.validate()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        try:
+            self.loaded_weight_blocks(state_dict, prefix)
+        except (TypeError, ValueError) as exc:  # nothing of this layer is loaded
+            error_msgs.append(f"While loading {prefix or 'the block-sparse layer'}: {exc}")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def constructor_args(self) -> dict:
         return {

@@ -124,6 +124,8 @@ class SparseConv2d(Sparse24Module):
         reason = dtype_reason(conv, bias_too=True)
         if reason is not None:
             return reason
+        if conv.weight.numel() == 0:
+            return f"the weight is empty (shape {tuple(conv.weight.shape)})"
         if conv.in_channels % 4:
             return f"in_channels={conv.in_channels} is not a multiple of 4 (2:4 groups run along input channels)"
         if conv.weight.device.type == "meta":
@@ -168,6 +170,30 @@ class SparseConv2d(Sparse24Module):
                          device=weight.device, dtype=weight.dtype)
         return copy_into(conv, weight, self.bias)
 
+    @classmethod
+    def dense_args(cls, conv: nn.Module) -> dict:
+        """The geometry of ``conv`` (an ``nn.Conv2d`` or a ``SparseConv2d``) as constructor arguments, with
+        ``padding="same"`` / ``"valid"`` as the numbers they stand for.
+
+        Raises:
+            ValueError: ``groups != 1``, ``padding_mode != "zeros"`` or an asymmetric ``"same"`` padding.
+        """
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"groups={conv.groups}, padding_mode={conv.padding_mode!r} (SparseConv2d computes "
+                             "groups=1 with zero padding only)")
+        padding = _numeric_padding(conv)
+        if isinstance(padding, str):
+            raise ValueError(padding)
+        return {
+            "in_channels": conv.in_channels,
+            "out_channels": conv.out_channels,
+            "kernel_size": tuple(conv.kernel_size),
+            "stride": tuple(conv.stride),
+            "padding": padding,
+            "dilation": tuple(conv.dilation),
+            "bias": conv.bias is not None,
+        }
+
     def constructor_args(self) -> dict:
         return {
             "in_channels": self.in_channels,
@@ -182,12 +208,13 @@ class SparseConv2d(Sparse24Module):
     # -- forward ------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"SparseConv2d.forward(): expected a torch.Tensor input, got {type(x).__name__}")
         if x.dim() == 3 and x.shape[0] == self.in_channels:
             # unbatched [C, H, W], as nn.Conv2d accepts it: run as a batch of one, return [out, OH, OW]
             return self.forward(x.unsqueeze(0)).squeeze(0)
         bias = self._parameters["bias"]
-        if self.uses_resident_dense() and isinstance(x, torch.Tensor) and x.dim() == 4 \
-                and x.shape[1] == self.in_channels:
+        if self.uses_resident_dense() and x.dim() == 4 and x.shape[1] == self.in_channels:
             weight = self._parameters["weight"]
             out_format = routing.conv_output_format(x)
             if routing.is_compiling():
@@ -195,14 +222,13 @@ class SparseConv2d(Sparse24Module):
                     memory_format=out_format)
             try:
                 y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-                return y.contiguous(memory_format=out_format)
+                if not y.is_meta:  # F.conv2d takes a meta input with a CPU weight; the op's contract does not
+                    return y.contiguous(memory_format=out_format)
             except (RuntimeError, TypeError, ValueError):
                 pass  # F.conv2d refused the input: the checks below raise the clear error
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels:
-            # the op alone could take another channel count for another (valid) convolution
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        if x.dim() != 4 or x.shape[1] != self.in_channels:  # the op would refuse it too, without the layer's name
             raise ValueError(f"SparseConv2d.forward(): expected input of shape [B, {self.in_channels}, H, W] "
-                             f"(or unbatched [{self.in_channels}, H, W]), got {got}")
+                             f"(or unbatched [{self.in_channels}, H, W]), got {tuple(x.shape)}")
         return sparse24_conv2d(x, self.op_weight24(), bias, self.stride, self.padding, self.dilation,
                                backend=self.backend, kernel_size=self.kernel_size)
 

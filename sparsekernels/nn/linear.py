@@ -78,6 +78,8 @@ class SparseLinear(Sparse24Module):
         reason = dtype_reason(linear, bias_too=False)  # the bias is cast to the weight's dtype
         if reason is not None:
             return reason
+        if linear.weight.numel() == 0:
+            return f"the weight is empty ({linear.out_features}x{linear.in_features})"
         if linear.in_features % 4:
             return f"in_features={linear.in_features} is not a multiple of 4"
         if linear.weight.device.type == "meta":
@@ -126,7 +128,9 @@ class SparseLinear(Sparse24Module):
             if routing.is_compiling():
                 return F.linear(x, weight, bias)
             try:
-                return F.linear(x, weight, bias)
+                y = F.linear(x, weight, bias)
+                if not y.is_meta:  # F.linear takes a meta input with a CPU weight; the op's contract does not
+                    return y
             except (RuntimeError, TypeError, ValueError):
                 pass  # F.linear refused the input: the op's checks raise the clear error
         return sparse24_linear(x, self.op_weight24(), bias, backend=self.backend)

@@ -24,15 +24,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..formats.sparse24 import Sparse24Weight, compress_24, require_24_sparse
+from ..formats.sparse24 import Sparse24Weight, compress_24, require_24_sparse, zero_weight_metadata
 from ..ops import routing
-from .base import SparseModule, register_bias
+from .base import SparseModule, check_loaded_values, register_bias
 
 __all__ = ["Sparse24Module"]
 
-# A freshly built compressed state (before loading a state dict) stores zeros at positions 0 and 1 of every
-# group: nibble 0b0100 (first kept value at 0, second at 1), two groups per byte.
-_DEFAULT_META_BYTE = 0x44
 _COMPRESSED = ("weight_values", "weight_meta")
 
 
@@ -57,8 +54,7 @@ class Sparse24Module(SparseModule):
             self.weight = nn.Parameter(self.weight_from_2d(dense), requires_grad=False)
         else:
             self.weight_values = nn.Parameter(torch.zeros(out, k // 2, device=device, dtype=dtype), requires_grad=False)
-            self.register_buffer("weight_meta", torch.full((out, (k + 7) // 8), _DEFAULT_META_BYTE,
-                                                           dtype=torch.uint8, device=device))
+            self.register_buffer("weight_meta", zero_weight_metadata(out, k, device=device))
         register_bias(self, bias, out, device, dtype)
         self.prepare_op()
 
@@ -185,19 +181,32 @@ class Sparse24Module(SparseModule):
             if bias is not None:
                 destination[prefix + "bias"] = bias
 
+    def loaded_weight24(self, state_dict, prefix: str) -> Optional[Sparse24Weight]:
+        """The compressed weight ``state_dict`` holds for this layer, checked (shapes, dtypes, devices, and the
+        metadata: one pass over it), or None when it lacks one of the two tensors.
+
+        Raises:
+            TypeError / ValueError: what is wrong, naming the entry.
+        """
+        names = [prefix + n for n in _COMPRESSED]
+        if not all(n in state_dict for n in names):
+            return None
+        w24 = Sparse24Weight(state_dict[names[0]], state_dict[names[1]], (self.out_features_2d, self.in_features_2d))
+        check_loaded_values(state_dict, prefix, _COMPRESSED[0])
+        return w24.validate()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         names = [prefix + n for n in _COMPRESSED]
+        try:
+            w24 = self.loaded_weight24(state_dict, prefix)
+        except (TypeError, ValueError) as exc:  # nothing of this layer is loaded
+            error_msgs.append(f"While loading {prefix or 'the 2:4 layer'}: {exc}")
+            return
         if "weight" in self._parameters:
             # The dense form: expand the compressed tensors into the resident dense weight.
-            if all(n in state_dict for n in names):
-                try:
-                    w24 = Sparse24Weight(state_dict[names[0]], state_dict[names[1]],
-                                         (self.out_features_2d, self.in_features_2d))
-                    state_dict[prefix + "weight"] = self.weight_from_2d(w24.to_dense())
-                except (TypeError, ValueError) as exc:
-                    error_msgs.append(f"While loading {prefix or 'the 2:4 layer'}: {exc}")
-                    return
+            if w24 is not None:
+                state_dict[prefix + "weight"] = self.weight_from_2d(w24.to_dense())
                 for n in names:
                     del state_dict[n]
             before = len(missing_keys)

@@ -3,12 +3,16 @@
 A module may be registered under several names (a shared block); :func:`module_occurrences` finds every place,
 :func:`replace_modules` assigns the replacement at all of them, and :func:`move_hooks` hands the old module's
 hook dictionaries to the new one (the same dictionaries, so the user's hook handles keep working).
+:func:`snapshot` records a model's structure so that an all-or-nothing operation can put it back if its commit
+fails.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
-__all__ = ["module_occurrences", "move_hooks", "replace_modules"]
+__all__ = ["module_occurrences", "move_hooks", "replace_modules", "snapshot"]
 
 # Every per-module hook container of nn.Module across torch >= 2.6 (missing ones are skipped).
 _HOOK_ATTRS = (
@@ -52,3 +56,31 @@ def replace_modules(model: nn.Module, replacements: dict[int, nn.Module], occ=No
     for old_id, new in replacements.items():
         for parent, attr, _ in occ[old_id]:
             setattr(parent, attr, new)
+
+
+def snapshot(model: nn.Module) -> Callable[[], None]:
+    """Record the structure of ``model`` and return a function that puts it back, in place.
+
+    The record is every module's attributes: its submodules, parameters and buffers (the objects themselves,
+    with their ``requires_grad`` and ``.grad``), hook dictionaries (restored in place, so hook handles stay
+    valid), the training flag and any other attribute. Tensor data is not copied: the operations that use this
+    (``sparsify``, ``densify``, ``load_sparse``) replace tensors and modules, they never write into a tensor.
+    """
+    saved = []
+    for module in model.modules():
+        attrs = dict(module.__dict__)
+        contents = {k: v.copy() for k, v in attrs.items() if isinstance(v, (dict, set))}
+        saved.append((module, attrs, contents))
+
+    def restore() -> None:
+        for module, attrs, contents in saved:
+            current = module.__dict__
+            for k in [k for k in current if k not in attrs]:
+                del current[k]
+            for k, v in attrs.items():
+                if k in contents:
+                    v.clear()
+                    v.update(contents[k])
+                current[k] = v
+
+    return restore

@@ -47,17 +47,22 @@ def _block_sparse_linear_kernel(
     offs_n = block_row * BS + offs_b
     m_mask = offs_m < M
     n_mask = offs_n < N
-    start = tl.load(row_ptr_ptr + block_row)
-    end = tl.load(row_ptr_ptr + block_row + 1)
+    # The index arrays are data: clamp the block range to [0, NNZ] and skip a block column outside the weight, so
+    # no row_ptr / col_idx content can make the kernel read outside values or x (loaders validate the structure;
+    # this holds even for tensors that bypassed them).
+    start = tl.minimum(tl.maximum(tl.load(row_ptr_ptr + block_row), 0), NNZ)
+    end = tl.minimum(tl.maximum(tl.load(row_ptr_ptr + block_row + 1), start), NNZ)
+    n_block_cols = tl.cdiv(K, BS)
     acc = tl.zeros((BLOCK_M, BS), dtype=tl.float32)
     # values[j, n, k] read as a [k, n] tile; 64-bit block offset (nnz * BS * BS may pass 2**31).
     w_ptrs = vals_ptr + start.to(tl.int64) * (BS * BS) + offs_b[None, :] * BS + offs_b[:, None]
     for j in range(start, end):
         block_col = tl.load(col_idx_ptr + j)
-        offs_k = block_col * BS + offs_b
+        col_ok = (block_col >= 0) & (block_col < n_block_cols)
+        offs_k = tl.where(col_ok, block_col, 0) * BS + offs_b
         a = tl.load(
             x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=m_mask[:, None] & (offs_k[None, :] < K),
+            mask=m_mask[:, None] & (offs_k[None, :] < K) & col_ok,
             other=0.0,
         )
         w = tl.load(w_ptrs)  # padded elements of edge blocks are stored zeros: no mask
@@ -86,15 +91,30 @@ INTERPRETER_CONFIG = (16, 4, 1)
 
 
 def launch_block_sparse_linear(x2d, values, row_ptr, col_idx, bias, n: int, *, out=None) -> torch.Tensor:
-    """Run the Triton kernel on checked inputs: ``x2d`` ``[M, K]``; returns ``[M, n]`` in ``x2d.dtype``.
+    """Run the Triton kernel: ``x2d`` ``[M, K]``; returns ``[M, n]`` in ``x2d.dtype``.
 
-    ``out`` is a knob for tests (they poison it to check every element is written).
+    The inputs are checked against the op's contract
+    (:func:`sparsekernels.ops.checks.check_block_sparse_linear_tensors`, shapes and dtypes only); the kernel bounds every index it reads from ``row_ptr`` / ``col_idx``, so no content of
+    theirs makes it read outside a tensor. ``out`` is a knob for tests (they poison it to check every element is
+    written).
+
+    Raises:
+        TypeError / ValueError: inputs outside the op's contract, or an ``out`` of the wrong shape.
+        RuntimeError: a device / dtype the Triton kernel cannot compute (:func:`routing.check_triton_runs`).
     """
+    fn = "launch_block_sparse_linear()"
+    checks.check_block_sparse_linear_tensors(fn, x2d, values, row_ptr, col_idx, bias, n)
+    if x2d.dim() != 2:
+        raise ValueError(f"{fn}: expected a 2-D x2d [M, K], got shape {tuple(x2d.shape)}")
+    routing.check_triton_runs(fn, x2d.device, x2d.dtype)
     m, k = x2d.shape
     bs = values.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    if m == 0 or n == 0:
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (m, n) or out.dtype != x2d.dtype \
+            or out.device != x2d.device:
+        raise ValueError(f"{fn}: expected out to be None or a {x2d.dtype} tensor of shape {(m, n)} on {x2d.device}")
+    if m == 0:
         return out
     values, row_ptr, col_idx = values.contiguous(), row_ptr.contiguous(), col_idx.contiguous()
     args = (
@@ -167,8 +187,11 @@ def block_sparse_linear_op(
     out_features: int,
     backend: str,
 ) -> torch.Tensor:
-    """``sparsekernels::block_sparse_linear`` on inputs checked by :func:`sparsekernels.block_sparse_linear`,
-    with the backend resolved by :func:`sparsekernels.ops.routing.resolve`."""
+    """``sparsekernels::block_sparse_linear``: the contract of :func:`sparsekernels.block_sparse_linear` on its
+    tensors, checked again here (the op can be called directly), then the backend resolved by
+    :func:`sparsekernels.ops.routing.resolve`."""
+    checks.check_block_sparse_linear_tensors(OP_NAME, x, values, row_ptr, col_idx, bias, out_features)
+    backend = routing.resolve("block_sparse_linear", OP_NAME, backend, x)
     y = routing.run("block_sparse_linear", backend, x.reshape(-1, x.shape[-1]), values, row_ptr, col_idx, bias,
                     out_features)
     return y.reshape(*x.shape[:-1], out_features)
@@ -176,6 +199,7 @@ def block_sparse_linear_op(
 
 @block_sparse_linear_op.register_fake
 def _block_sparse_linear_fake(x, values, row_ptr, col_idx, bias, out_features, backend):
+    checks.check_block_sparse_linear_tensors(OP_NAME, x, values, row_ptr, col_idx, bias, out_features)
     return x.new_empty((*x.shape[:-1], out_features))
 
 

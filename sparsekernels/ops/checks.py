@@ -1,20 +1,41 @@
-"""The input contract of every op: what each public op accepts, checked once at the boundary so that every
-backend sees the same, valid inputs and the same inputs get the same verdict on every backend.
+"""The input contract of every op: what each op accepts, checked once at the boundary so that every backend sees
+the same, valid inputs and the same inputs get the same verdict on every backend.
 
-Each ``check_*`` raises ``TypeError`` (wrong types or dtypes) or ``ValueError`` (wrong shapes, devices or
-geometry) with what was expected and what was given, naming the public function ``fn`` the user called.
+Two entry points per op, one contract: ``check_<op>`` for the public function (a compressed-weight object) and
+``check_<op>_tensors`` for the ``torch.library`` custom op and the Triton launcher (the raw tensors the weight is
+made of). The first checks the object's type and calls the second, so a call through ``torch.ops.sparsekernels.*``
+is refused exactly as the public function refuses it.
+
+The checks look at types, dtypes, shapes and devices: O(1) per call. The contents of compressed weights (2:4
+metadata, block indices) are checked where weights are built or loaded
+(:meth:`~sparsekernels.formats.sparse24.Sparse24Weight.validate`,
+:meth:`~sparsekernels.formats.blocksparse.BlockSparseWeight.validate`); the kernels never read outside their
+tensors whatever those contents are.
+
+Each ``check_*`` raises ``TypeError`` (wrong types or dtypes) or ``ValueError`` (wrong shapes, devices or geometry)
+with what was expected and what was given, naming the function ``fn`` the user called. Zero-size dimensions: a
+batch of zero rows (or zero images) is accepted and gives an empty output on every backend; an empty weight, an
+empty channel or spatial dimension is refused.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Union
 
 import torch
 
-from ..formats.blocksparse import BlockSparseWeight
+from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, cdiv
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight
 
-__all__ = ["IntPair", "pair", "check_sparse24_linear", "check_sparse24_conv2d", "check_block_sparse_linear"]
+__all__ = [
+    "IntPair",
+    "pair",
+    "check_sparse24_linear",
+    "check_sparse24_linear_tensors",
+    "check_sparse24_conv2d",
+    "check_sparse24_conv2d_tensors",
+    "check_block_sparse_linear",
+    "check_block_sparse_linear_tensors",
+]
 
 IntPair = Union[int, Sequence[int]]
 
@@ -31,9 +52,21 @@ def pair(fn: str, name: str, v, minimum: int) -> tuple[int, int]:
     return pair_
 
 
-def _check_x(fn: str, x, dtype: torch.dtype, device: torch.device, any_float: bool = False) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: expected x to be a torch.Tensor, got {type(x).__name__}")
+def _check_tensor(fn: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: expected {name} to be a torch.Tensor, got {type(t).__name__}")
+
+
+def _check_int(fn: str, name: str, v, minimum: int, multiple: int = 1) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{fn}: expected {name} to be an int, got {type(v).__name__}")
+    if v < minimum or v % multiple:
+        what = f">= {minimum}" if multiple == 1 else f"a positive multiple of {multiple}"
+        raise ValueError(f"{fn}: expected {name} {what}, got {v}")
+
+
+def _check_x(fn: str, x, dtype: torch.dtype, device: torch.device, any_float: bool) -> None:
+    _check_tensor(fn, "x", x)
     if x.dtype not in SUPPORTED_DTYPES and not (any_float and x.dtype.is_floating_point):
         raise TypeError(f"{fn}: expected x of dtype float16, bfloat16 or float32, got {x.dtype}")
     if x.dtype != dtype:
@@ -55,73 +88,130 @@ def _check_bias(fn: str, bias, n: int, dtype: torch.dtype, device: torch.device)
         raise ValueError(f"{fn}: expected bias on the weight's device {device}, got {bias.device}")
 
 
-def check_sparse24_linear(fn: str, x, w24, bias, *, any_float: bool = False) -> None:
-    """``x`` ``[..., in]`` of ``w24``'s dtype and device, ``bias`` None or ``[out]`` likewise.
+def _check_24_parts(fn: str, values, meta, k: int) -> int:
+    """2:4 ``values`` ``[N, k / 2]`` (floating) and ``meta`` ``uint8 [N, ceil(k / 8)]`` on one device; returns N."""
+    _check_tensor(fn, "values", values)
+    _check_tensor(fn, "meta", meta)
+    if not values.dtype.is_floating_point:
+        raise TypeError(f"{fn}: expected floating-point weight values, got {values.dtype}")
+    if meta.dtype != torch.uint8:
+        raise TypeError(f"{fn}: expected uint8 weight metadata, got {meta.dtype}")
+    if values.dim() != 2 or values.shape[0] < 1 or values.shape[1] != k // 2:
+        raise ValueError(f"{fn}: expected weight values of shape [out >= 1, {k // 2}], got {tuple(values.shape)}")
+    n = values.shape[0]
+    if tuple(meta.shape) != (n, (k + 7) // 8):
+        raise ValueError(f"{fn}: expected weight metadata of shape ({n}, {(k + 7) // 8}), got {tuple(meta.shape)}")
+    if meta.device != values.device:
+        raise ValueError(f"{fn}: expected the weight metadata on the values' device {values.device}, got {meta.device}")
+    return n
+
+
+def check_sparse24_linear_tensors(fn: str, x, values, meta, bias, in_features, *, any_float: bool = False) -> None:
+    """The 2:4 Linear contract on the custom op's tensors: ``x`` ``[..., in_features]`` of the values' dtype and
+    device (any number of rows, zero included), ``values`` ``[out, in_features / 2]``, ``meta``
+    ``uint8 [out, ceil(in_features / 8)]``, ``bias`` None or ``[out]`` of the values' dtype and device.
 
     ``any_float`` admits every floating dtype (the float64 references), not only the kernels' three.
     """
+    _check_int(fn, "in_features", in_features, 4, multiple=4)
+    n = _check_24_parts(fn, values, meta, in_features)
+    _check_x(fn, x, values.dtype, values.device, any_float)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{fn}: expected x of shape [..., {in_features}] (in_features of the weight), got {tuple(x.shape)}"
+        )
+    _check_bias(fn, bias, n, values.dtype, values.device)
+
+
+def check_sparse24_linear(fn: str, x, w24, bias, *, any_float: bool = False) -> None:
+    """:func:`check_sparse24_linear_tensors` for a :class:`Sparse24Weight` ``w24``."""
     if not isinstance(w24, Sparse24Weight):
         raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
-    _check_x(fn, x, w24.dtype, w24.device, any_float)
-    if x.dim() < 1 or x.shape[-1] != w24.shape[1]:
+    check_sparse24_linear_tensors(fn, x, w24.values, w24.meta, bias, w24.shape[1], any_float=any_float)
+
+
+def check_block_sparse_linear_tensors(fn: str, x, values, row_ptr, col_idx, bias, out_features, *,
+                                      any_float: bool = False) -> None:
+    """The block-sparse Linear contract on the custom op's tensors: ``values`` ``[nnz, bs, bs]`` (``bs`` 16, 32 or
+    64), ``row_ptr`` ``int32 [ceil(out_features / bs) + 1]``, ``col_idx`` ``int32 [nnz]`` on one device, ``x``
+    ``[..., in >= 1]`` of the values' dtype and device (any number of rows), ``bias`` None or ``[out_features]``
+    (``any_float``: as :func:`check_sparse24_linear_tensors`)."""
+    _check_int(fn, "out_features", out_features, 1)
+    for name, t in (("values", values), ("row_ptr", row_ptr), ("col_idx", col_idx)):
+        _check_tensor(fn, name, t)
+    if not values.dtype.is_floating_point:
+        raise TypeError(f"{fn}: expected floating-point block values, got {values.dtype}")
+    if values.dim() != 3 or values.shape[1] not in BLOCK_SIZES or values.shape[2] != values.shape[1]:
         raise ValueError(
-            f"{fn}: expected x of shape [..., {w24.shape[1]}] (in_features of the weight), got {tuple(x.shape)}"
+            f"{fn}: expected block values of shape [nnz_blocks, bs, bs] with bs in {BLOCK_SIZES}, got "
+            f"{tuple(values.shape)}"
         )
-    _check_bias(fn, bias, w24.shape[0], w24.dtype, w24.device)
+    bs, nnz = values.shape[1], values.shape[0]
+    for name, t, shape in (("row_ptr", row_ptr, (cdiv(out_features, bs) + 1,)), ("col_idx", col_idx, (nnz,))):
+        if t.dtype != INDEX_DTYPE:
+            raise TypeError(f"{fn}: expected {name} of dtype {INDEX_DTYPE}, got {t.dtype}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{fn}: expected {name} of shape {shape}, got {tuple(t.shape)}")
+        if t.device != values.device:
+            raise ValueError(f"{fn}: expected {name} on the values' device {values.device}, got {t.device}")
+    _check_x(fn, x, values.dtype, values.device, any_float)
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"{fn}: expected x of shape [..., in] with in >= 1, got {tuple(x.shape)}")
+    _check_bias(fn, bias, out_features, values.dtype, values.device)
 
 
 def check_block_sparse_linear(fn: str, x, wb, bias, *, any_float: bool = False) -> None:
-    """``x`` ``[..., in]`` of ``wb``'s dtype and device, ``bias`` None or ``[out]`` likewise (``any_float``: as
-    :func:`check_sparse24_linear`)."""
+    """:func:`check_block_sparse_linear_tensors` for a :class:`BlockSparseWeight` ``wb``, and ``x``
+    ``[..., in]`` for the weight's ``in``."""
     if not isinstance(wb, BlockSparseWeight):
         raise TypeError(f"{fn}: expected wb to be a BlockSparseWeight (see compress_blocks), got {type(wb).__name__}")
-    _check_x(fn, x, wb.dtype, wb.device, any_float)
     n, k = wb.shape
-    if x.dim() < 1 or x.shape[-1] != k:
+    check_block_sparse_linear_tensors(fn, x, wb.values, wb.row_ptr, wb.col_idx, bias, n, any_float=any_float)
+    if x.shape[-1] != k:
         raise ValueError(f"{fn}: expected x of shape [..., {k}] (the weight's in_features), got {tuple(x.shape)}")
-    _check_bias(fn, bias, n, wb.dtype, wb.device)
 
 
-def check_sparse24_conv2d(
-    fn: str, x, w24, bias, stride: IntPair, padding: IntPair, dilation: IntPair, kernel_size: Optional[IntPair],
+Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def check_sparse24_conv2d_tensors(
+    fn: str, x, values, meta, bias, stride: IntPair, padding: IntPair, dilation: IntPair, kernel_size: IntPair,
     *, any_float: bool = False,
-) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, int]]:
-    """The conv contract; returns ``(stride, padding, dilation, kernel_size)`` as pairs of ints.
+) -> Geometry:
+    """The 2:4 conv contract on the custom op's tensors; returns ``(stride, padding, dilation, kernel_size)`` as
+    pairs of ints.
 
-    ``kernel_size`` None means square: ``kh = kw = sqrt(taps)`` where ``taps = in_features(w24) / C``.
-    ``any_float``: as :func:`check_sparse24_linear`.
+    ``x`` is ``[B, C, H, W]`` (``B`` may be 0: an empty output) with ``C`` a positive multiple of 4 and
+    ``C * kh * kw`` the weight's ``in`` (``values.shape[1] * 2``); ``kernel_size`` is required, because the
+    weight alone cannot tell a 3x3 kernel over ``C`` channels from a 1x1 kernel over ``9 C``. ``any_float``: as
+    :func:`check_sparse24_linear_tensors`.
     """
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{fn}: expected x to be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(w24, Sparse24Weight):
-        raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
+    _check_tensor(fn, "x", x)
+    _check_tensor(fn, "values", values)
     if x.dim() != 4:
         raise ValueError(f"{fn}: expected x of shape [B, C, H, W], got {x.dim()}-D with shape {tuple(x.shape)}")
     stride = pair(fn, "stride", stride, 1)
     padding = pair(fn, "padding", padding, 0)
     dilation = pair(fn, "dilation", dilation, 1)
-    n, k = w24.shape
-    c = x.shape[1]
-    if c == 0 or c % 4 != 0 or k % c != 0:
-        raise ValueError(
-            f"{fn}: expected x's channel count C to be a multiple of 4 that divides the weight's "
-            f"kh * kw * in = {k}, got C={c}"
-        )
-    taps = k // c
     if kernel_size is None:
-        side = math.isqrt(taps)
-        if side * side != taps:
-            raise ValueError(
-                f"{fn}: the weight has kh * kw = {taps} kernel positions, which is not a square; pass kernel_size=(kh, kw)"
-            )
-        kernel_size = (side, side)
-    else:
-        kernel_size = pair(fn, "kernel_size", kernel_size, 1)
-        if kernel_size[0] * kernel_size[1] != taps:
-            raise ValueError(
-                f"{fn}: expected kernel_size with kh * kw = {taps} (weight {w24.shape} over C={c}), got {kernel_size}"
-            )
-    _check_x(fn, x, w24.dtype, w24.device, any_float)
+        raise TypeError(
+            f"{fn}: expected kernel_size=(kh, kw), got None (the compressed weight does not record it, and a "
+            "channel count that divides it differently would be another convolution)"
+        )
+    kernel_size = pair(fn, "kernel_size", kernel_size, 1)
+    k = values.shape[1] * 2 if values.dim() == 2 else -1
+    c = x.shape[1]
+    if c < 4 or c % 4:
+        raise ValueError(f"{fn}: expected x's channel count C to be a positive multiple of 4, got C={c}")
+    if k != c * kernel_size[0] * kernel_size[1]:
+        raise ValueError(
+            f"{fn}: expected a weight of kh * kw * C = {c * kernel_size[0] * kernel_size[1]} inputs per output "
+            f"channel (kernel_size={kernel_size}, C={c}), got weight values of shape {tuple(values.shape)}"
+        )
+    n = _check_24_parts(fn, values, meta, k)
+    _check_x(fn, x, values.dtype, values.device, any_float)
+    if x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{fn}: expected non-empty spatial dimensions, got x of shape {tuple(x.shape)}")
     for axis, size in ((0, x.shape[2]), (1, x.shape[3])):
         span = dilation[axis] * (kernel_size[axis] - 1) + 1
         if size + 2 * padding[axis] < span:
@@ -129,5 +219,16 @@ def check_sparse24_conv2d(
                 f"{fn}: input {tuple(x.shape[2:])} is smaller than the dilated kernel {kernel_size} "
                 f"(padding {padding}, dilation {dilation}): the output would be empty"
             )
-    _check_bias(fn, bias, n, w24.dtype, w24.device)
+    _check_bias(fn, bias, n, values.dtype, values.device)
     return stride, padding, dilation, kernel_size
+
+
+def check_sparse24_conv2d(
+    fn: str, x, w24, bias, stride: IntPair, padding: IntPair, dilation: IntPair, kernel_size: Optional[IntPair],
+    *, any_float: bool = False,
+) -> Geometry:
+    """:func:`check_sparse24_conv2d_tensors` for a :class:`Sparse24Weight` ``w24`` (``[out, kh * kw * C]``)."""
+    if not isinstance(w24, Sparse24Weight):
+        raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
+    return check_sparse24_conv2d_tensors(fn, x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size,
+                                         any_float=any_float)

@@ -21,6 +21,11 @@ CUDA graph is being captured: then :func:`select` returns the cached decision, o
 there is none. Which candidates exist, and when the dispatcher is asked at all, is the routing module's
 business (:mod:`sparsekernels.ops.routing`); this module only measures and remembers.
 
+The cache file is read as untrusted input: it is parsed with limits and checked against a schema
+(:data:`CACHE_SCHEMA`) before any decision is taken from it. A file that fails (not JSON, another format version,
+a field of the wrong type or out of range, too large) is never rewritten: this process warns once, leaves the file
+as it is and keeps its decisions in memory.
+
 Tests and benchmarks may inject a timer (:func:`use_timer`), and may call :func:`select` with CPU
 callables: the dispatcher itself is device-agnostic.
 """
@@ -38,6 +43,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from ..environment import environment_key
+from ..schema import SchemaError, constant, integer, mapping, number, parse_json, record, string
 from ..timing import Timing, time_fn
 
 __all__ = [
@@ -55,6 +61,8 @@ __all__ = [
     "choose",
     "CACHE_ENV",
     "CACHE_FILE",
+    "CACHE_SCHEMA",
+    "MAX_CACHE_BYTES",
     "NOISE_REL",
 ]
 
@@ -75,6 +83,28 @@ _REP = 10
 _MAX_TIME_S = 2.0
 
 Timer = Callable[[str, Callable[[], object], torch.device], "Timing | float"]
+
+# Limits of the tuning cache file: far above what tuning ever writes (a few hundred entries per model and GPU).
+MAX_CACHE_BYTES = 64 << 20
+_MAX_ENVIRONMENTS = 1024
+_MAX_ENTRIES = 1 << 16
+_MAX_CANDIDATES = 16
+_MS = number(0.0, 1e9)
+_NAME = string(64)
+_TIMING_SCHEMA = record(
+    {"median_ms": _MS, "p25_ms": _MS, "p75_ms": _MS, "min_ms": _MS, "n": integer(1, 1 << 31)},
+    optional={"iqr_ms": number(-1e9, 1e9)},
+)
+_DECISION_SCHEMA = record({
+    "choice": _NAME,
+    "timings": mapping(_NAME, _TIMING_SCHEMA, _MAX_CANDIDATES),
+    "errors": mapping(_NAME, string(4096), _MAX_CANDIDATES),
+    "measured_at": string(64),
+})
+CACHE_SCHEMA = record({
+    "format": constant(_FORMAT),
+    "environments": mapping(string(1024), mapping(string(4096), _DECISION_SCHEMA, _MAX_ENTRIES), _MAX_ENVIRONMENTS),
+})
 
 
 @dataclass(frozen=True)
@@ -117,21 +147,11 @@ class Decision:
 
     @classmethod
     def from_json(cls, op: str, key: str, environment: str, data: dict) -> "Decision":
-        timings = {}
-        for name, t in data.get("timings", {}).items():
-            timings[name] = Timing(
-                float(t["median_ms"]), float(t["p25_ms"]), float(t["p75_ms"]), float(t["min_ms"]), int(t["n"])
-            )
-        return cls(
-            op=op,
-            key=key,
-            choice=str(data["choice"]),
-            timings=timings,
-            errors={str(k): str(v) for k, v in data.get("errors", {}).items()},
-            environment=environment,
-            source="cache",
-            measured_at=str(data.get("measured_at", "")),
-        )
+        """A decision from its :meth:`to_json` form, already checked against the cache schema."""
+        timings = {name: Timing(t["median_ms"], t["p25_ms"], t["p75_ms"], t["min_ms"], t["n"])
+                   for name, t in data["timings"].items()}
+        return cls(op=op, key=key, choice=data["choice"], timings=timings, errors=dict(data["errors"]),
+                   environment=environment, source="cache", measured_at=data["measured_at"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,6 +163,7 @@ _disk: dict[str, dict] = {}  # cache file path -> its parsed "environments" mapp
 _recorders: list[list] = []
 _timer: Timer | None = None
 _warned_unwritable: set[str] = set()
+_unusable: dict[str, str] = {}  # cache file path -> why this process neither reads nor rewrites it
 
 
 def reset() -> None:
@@ -154,6 +175,7 @@ def reset() -> None:
         _memo.clear()
         _decisions.clear()
         _disk.clear()
+        _unusable.clear()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,12 +269,17 @@ def use_timer(timer: Timer) -> Iterator[None]:
 
 
 def _as_timing(value) -> Timing:
-    if isinstance(value, Timing):
-        return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         v = float(value)
-        return Timing(v, v, v, v, 1)
-    raise TypeError(f"select(): expected the timer to return a Timing or a float (ms), got {type(value).__name__}")
+        value = Timing(v, v, v, v, 1)
+    if not isinstance(value, Timing):
+        raise TypeError(f"select(): expected the timer to return a Timing or a float (ms), got {type(value).__name__}")
+    try:  # what is measured must be what the cache schema accepts on the next read
+        _TIMING_SCHEMA(value.as_dict(), "")
+    except SchemaError as exc:
+        raise ValueError(f"select(): expected the timer to return finite, non-negative times, got {value}: {exc}") \
+            from None
+    return value
 
 
 def choose(timings: Mapping[str, Timing]) -> str:
@@ -285,7 +312,7 @@ def _measure(op: str, key: str, env: str, candidates: Mapping[str, Callable], de
             try:
                 measured = timer(name, fn, device)
             except Exception as exc:  # a backend that cannot run this shape is excluded, and recorded
-                errors[name] = f"{type(exc).__name__}: {exc}"
+                errors[name] = f"{type(exc).__name__}: {exc}"[:4096]
                 first_error = first_error or exc
                 continue
             timings[name] = _as_timing(measured)
@@ -309,18 +336,37 @@ def _measure(op: str, key: str, env: str, candidates: Mapping[str, Callable], de
 # The tuning cache on disk
 
 
-def _read_cache(path: str) -> dict:
+def _read_cache(path: str) -> tuple[dict, str | None]:
+    """The checked ``environments`` of the cache file and None; ``{}`` and None when there is no file; ``{}`` and
+    the reason when there is a file this process must neither use nor rewrite."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"sparsekernels: ignoring unreadable tuning cache {path}: {exc}", RuntimeWarning, stacklevel=3)
-        return {}
-    if not isinstance(data, dict) or data.get("format") != _FORMAT or not isinstance(data.get("environments"), dict):
-        return {}
-    return data["environments"]
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CACHE_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, None
+    except OSError as exc:
+        return {}, f"cannot be read ({exc})"
+    try:
+        data = CACHE_SCHEMA(parse_json(raw, max_bytes=MAX_CACHE_BYTES, what="the file"), "")
+        for env, entries in data["environments"].items():
+            for entry, decision in entries.items():
+                if decision["choice"] not in decision["timings"]:
+                    raise SchemaError(f"environments.{env}.{entry}.choice",
+                                      f"expected one of the measured candidates, got {decision['choice']!r}")
+    except SchemaError as exc:
+        return {}, str(exc)
+    return data["environments"], None
+
+
+def _mark_unusable(path: str, reason: str) -> None:
+    if path not in _unusable:
+        _unusable[path] = reason
+        warnings.warn(
+            f"sparsekernels: ignoring the tuning cache {path}: {reason}. The file is left as it is and this process "
+            "keeps its decisions in memory; move or delete the file to let sparsekernels write a new one.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 @contextlib.contextmanager
@@ -341,16 +387,24 @@ def _file_lock(path: str) -> Iterator[None]:
 def _disk_store(path: str) -> dict:
     store = _disk.get(path)
     if store is None:
-        store = _disk[path] = _read_cache(path)
+        store, problem = _read_cache(path)
+        if problem is not None:
+            _mark_unusable(path, problem)
+        _disk[path] = store
     return store
 
 
 def _persist(path: str, decision: Decision) -> None:
+    if path in _unusable:
+        return
     entry = f"{decision.op}|{decision.key}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _file_lock(path + ".lock"):
-            envs = _read_cache(path)  # merge with what other processes wrote meanwhile
+            envs, problem = _read_cache(path)  # merge with what other processes wrote meanwhile
+            if problem is not None:
+                _mark_unusable(path, problem)
+                return
             envs.setdefault(decision.environment, {})[entry] = decision.to_json()
             tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -377,10 +431,7 @@ def _cached_decision(path: str, env: str, op: str, key: str) -> Decision | None:
     data = _disk_store(path).get(env, {}).get(f"{op}|{key}")
     if data is None:
         return None
-    try:
-        decision = Decision.from_json(op, key, env, data)
-    except (KeyError, TypeError, ValueError):
-        return None
+    decision = Decision.from_json(op, key, env, data)
     _decisions[(env, op, key)] = decision
     return decision
 
@@ -446,9 +497,16 @@ def _select_slow(op, key, candidates, default, dev, memo_key) -> str:
     for name, fn in candidates.items():
         if not isinstance(name, str) or not callable(fn):
             raise TypeError(f"select(): expected candidates to map str -> callable, got {name!r} -> {type(fn).__name__}")
+        if not name or len(name) > 64:
+            raise ValueError(f"select(): expected candidate names of 1 to 64 characters, got {name!r}")
+    if len(candidates) > _MAX_CANDIDATES:
+        raise ValueError(f"select(): expected at most {_MAX_CANDIDATES} candidates, got {len(candidates)}")
     if default not in candidates:
         raise ValueError(f"select(): expected default to be one of {sorted(candidates)}, got {default!r}")
     key_json = _key_json(key)
+    if len(op) + 1 + len(key_json) > 4096:
+        raise ValueError(f"select(): expected op and key to take at most 4096 characters in JSON, got {op!r} "
+                         f"{key_json}")
     with _lock:
         env = environment_key(dev)
         path = cache_path()

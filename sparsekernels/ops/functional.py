@@ -73,7 +73,8 @@ def sparse24_linear(
         TypeError: ``x`` / ``bias`` not tensors, ``w24`` not a :class:`Sparse24Weight`, or dtype mismatch.
         ValueError: ``x.shape[-1] != in``, bias shape, device mismatch, unknown backend name (argument or
             environment), or ``"cusparselt"`` on an unsupported dtype / shape.
-        RuntimeError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1``; ``"cusparselt"`` off CUDA.
+        RuntimeError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1`` or on bfloat16 CPU tensors;
+            ``"cusparselt"`` off CUDA.
     """
     fn = "sparse24_linear()"
     checks.check_sparse24_linear(fn, x, w24, bias)
@@ -93,14 +94,15 @@ def sparse24_conv2d(
     padding: checks.IntPair = 0,
     dilation: checks.IntPair = 1,
     *,
+    kernel_size: checks.IntPair,
     backend: str = "auto",
-    kernel_size: Optional[checks.IntPair] = None,
 ) -> torch.Tensor:
     """2-D convolution (groups = 1, zero padding) with a 2:4-compressed weight.
 
     Args:
         x: ``[B, C, H, W]`` float16 / bfloat16 / float32 in any memory format; the weight's dtype and
-            device. ``C`` a multiple of 4.
+            device. ``C`` a positive multiple of 4 with ``kh * kw * C`` the weight's ``in``; ``B = 0`` gives an
+            empty output.
         w24: ``compress_24(conv_weight_to_2d(weight))`` for a ``[out, C, kh, kw]`` weight whose every
             group of 4 consecutive input channels at each kernel position has at most 2 non-zeros.
         bias: optional ``[out]``, same dtype and device as ``x``.
@@ -108,18 +110,20 @@ def sparse24_conv2d(
         backend: ``"auto"`` (GPU: the dispatcher measures Triton vs cuDNN on a cached dense copy once per
             shape; CPU: ``F.conv2d`` on a dense copy cached per weight), ``"triton"``, ``"reference"`` or
             ``"dense"`` (expand, then ``F.conv2d``). ``SPARSEKERNELS_BACKEND`` overrides it.
-        kernel_size: ``(kh, kw)``; needed only for a non-square kernel (e.g. 1x3); by default
-            ``kh = kw = sqrt(in_features / C)``.
+        kernel_size: ``(kh, kw)`` (or one int), required: the compressed weight does not record it, and
+            inferring it from ``x``'s channel count would silently run another convolution for an input whose
+            channel count divides the weight differently (36 inputs per output are a 3x3 kernel over 4 channels
+            or a 1x1 kernel over 36).
 
     Returns:
         ``[B, out, OH, OW]`` of ``x``'s dtype; channels-last memory format when ``x`` is channels-last,
         else contiguous.
 
     Raises:
-        TypeError: wrong argument types or dtypes.
-        ValueError: wrong shapes, channel count, kernel size, devices, an empty output, an unknown backend or
-            one the op does not have (``"cusparselt"``).
-        RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``.
+        TypeError: wrong argument types or dtypes, ``kernel_size=None``.
+        ValueError: wrong shapes, channel count, kernel size, devices, empty spatial dimensions or an empty
+            output, an unknown backend or one the op does not have (``"cusparselt"``).
+        RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``, or on bfloat16 CPU tensors.
     """
     fn = "sparse24_conv2d()"
     geometry = checks.check_sparse24_conv2d(fn, x, w24, bias, stride, padding, dilation, kernel_size)
@@ -146,12 +150,12 @@ def block_sparse_linear(
             ``SPARSEKERNELS_BACKEND`` overrides it.
 
     Returns:
-        ``[..., out]`` tensor of ``x``'s dtype (contiguous).
+        ``[..., out]`` tensor of ``x``'s dtype (contiguous); zero rows give an empty output.
 
     Raises:
         TypeError: wrong argument types or dtypes.
         ValueError: wrong shapes or devices, an unknown backend or one the op does not have (``"cusparselt"``).
-        RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``.
+        RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``, or on bfloat16 CPU tensors.
     """
     fn = "block_sparse_linear()"
     checks.check_block_sparse_linear(fn, x, wb, bias)

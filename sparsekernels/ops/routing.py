@@ -47,6 +47,7 @@ __all__ = [
     "is_compiling",
     "interpreter_enabled",
     "triton_usable",
+    "check_triton_runs",
     "check_backend_name",
     "cusparselt_unsupported_reason",
     "pow2_bucket",
@@ -82,6 +83,22 @@ def triton_usable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and interpreter_enabled()
+
+
+def check_triton_runs(fn: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Raise ``RuntimeError`` naming ``fn`` when a Triton kernel cannot compute ``dtype`` tensors on ``device``
+    correctly: not a CUDA device (or CPU tensors without the interpreter), or bfloat16 on the interpreter, whose
+    ``tl.dot`` has no bfloat16 and returns wrong numbers instead of failing."""
+    if not triton_usable(device):
+        raise RuntimeError(
+            f"{fn}: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"triton is imported), got tensors on {device}"
+        )
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        raise RuntimeError(
+            f"{fn}: backend 'triton' cannot compute bfloat16 on the CPU: Triton's interpreter has no bfloat16 dot "
+            "(it would return wrong numbers); use float16 / float32, backend 'reference' or 'dense', or a GPU"
+        )
 
 
 def is_compiling() -> bool:
@@ -143,7 +160,8 @@ def resolve(op: str, fn: str, backend: str, x: torch.Tensor, out_features: int =
     Raises:
         ValueError: an unknown backend name (argument or environment), or a backend this op does not have,
             or ``"cusparselt"`` on a dtype / shape it cannot run.
-        RuntimeError: ``"triton"`` or ``"cusparselt"`` on a device that cannot run it.
+        RuntimeError: ``"triton"`` or ``"cusparselt"`` on a device that cannot run it, or ``"triton"`` on
+            bfloat16 CPU tensors (see :func:`check_triton_runs`).
     """
     if backend_forced():
         forced = os.environ.get(ENV_VAR, "")
@@ -155,11 +173,8 @@ def resolve(op: str, fn: str, backend: str, x: torch.Tensor, out_features: int =
     if backend not in route.backends:
         others = ", ".join(repr(b) for b in route.backends)
         raise ValueError(f"{fn}: backend {backend!r} does not compute {op}; expected one of {others}")
-    if backend == "triton" and not triton_usable(x.device):
-        raise RuntimeError(
-            f"{fn}: backend 'triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-            f"triton is imported), got tensors on {x.device}"
-        )
+    if backend == "triton":
+        check_triton_runs(fn, x.device, x.dtype)
     if backend == "cusparselt":
         if x.device.type != "cuda":
             raise RuntimeError(f"{fn}: backend 'cusparselt' needs CUDA tensors, got tensors on {x.device}")

@@ -147,11 +147,21 @@ INTERPRETER_CONFIG = (16, 16, 16, 4, 1)
 
 
 def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, kernel_size, *, out=None) -> torch.Tensor:
-    """Run the Triton kernel on checked inputs (``x`` ``[B, C, H, W]``, geometry as pairs of ints).
+    """Run the Triton kernel (``x`` ``[B, C, H, W]``, geometry as ints or pairs of ints).
 
+    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_conv2d_tensors`,
+    shapes and dtypes only), so no tensor is read out of bounds whatever the metadata holds.
     ``out`` is a knob for tests (they poison it to check every element is written); by default it is allocated
     here, in the output memory format of :func:`sparsekernels.ops.routing.conv_output_format`.
+
+    Raises:
+        TypeError / ValueError: inputs outside the op's contract, or an ``out`` of the wrong shape.
+        RuntimeError: a device / dtype the Triton kernel cannot compute (:func:`routing.check_triton_runs`).
     """
+    fn = "launch_sparse24_conv2d()"
+    stride, padding, dilation, kernel_size = checks.check_sparse24_conv2d_tensors(
+        fn, x, values, meta, bias, stride, padding, dilation, kernel_size)
+    routing.check_triton_runs(fn, x.device, x.dtype)
     bsz, c, h, w = x.shape
     n = values.shape[0]
     kh, kw = kernel_size
@@ -160,8 +170,12 @@ def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, ker
     if out is None:
         out = torch.empty((bsz, n, oh, ow), dtype=x.dtype, device=x.device,
                           memory_format=routing.conv_output_format(x))
+    elif not isinstance(out, torch.Tensor) or tuple(out.shape) != (bsz, n, oh, ow) or out.dtype != x.dtype \
+            or out.device != x.device:
+        raise ValueError(
+            f"{fn}: expected out to be None or a {x.dtype} tensor of shape {(bsz, n, oh, ow)} on {x.device}")
     m = bsz * oh * ow
-    if m == 0 or n == 0:
+    if m == 0:
         return out
     # Channels-last activations: consecutive input channels are contiguous, so the A tile's K axis is coalesced.
     x = x.contiguous(memory_format=torch.channels_last)
@@ -220,12 +234,13 @@ def sparse24_conv2d_reference(
     padding: checks.IntPair = 0,
     dilation: checks.IntPair = 1,
     *,
-    kernel_size: Optional[checks.IntPair] = None,
+    kernel_size: checks.IntPair,
 ) -> torch.Tensor:
     """Pure-PyTorch 2:4 Conv2d: channels-last im2col (``F.unfold``) times the expanded weight.
 
-    Same arguments and result as :func:`sparsekernels.sparse24_conv2d`; computes in ``x``'s dtype, any floating
-    dtype (pass float64 tensors, e.g. ``w24.to(torch.float64)``, for a float64 reference).
+    Same arguments (``kernel_size`` required) and result as :func:`sparsekernels.sparse24_conv2d`; computes in
+    ``x``'s dtype, any floating dtype (pass float64 tensors, e.g. ``w24.to(torch.float64)``, for a float64
+    reference).
     """
     geometry = checks.check_sparse24_conv2d("sparse24_conv2d_reference()", x, w24, bias, stride, padding, dilation,
                                             kernel_size, any_float=True)
@@ -248,14 +263,18 @@ def sparse24_conv2d_op(
     kernel_size: Sequence[int],
     backend: str,
 ) -> torch.Tensor:
-    """``sparsekernels::sparse24_conv2d`` on inputs checked by :func:`sparsekernels.sparse24_conv2d`, with the
-    backend resolved by :func:`sparsekernels.ops.routing.resolve`."""
-    return routing.run("sparse24_conv2d", backend, x, values, meta, bias, tuple(stride), tuple(padding),
-                       tuple(dilation), tuple(kernel_size))
+    """``sparsekernels::sparse24_conv2d``: the contract of :func:`sparsekernels.sparse24_conv2d` on its tensors,
+    checked again here (the op can be called directly), then the backend resolved by
+    :func:`sparsekernels.ops.routing.resolve`."""
+    geometry = checks.check_sparse24_conv2d_tensors(OP_NAME, x, values, meta, bias, stride, padding, dilation,
+                                                    kernel_size)
+    backend = routing.resolve("sparse24_conv2d", OP_NAME, backend, x)
+    return routing.run("sparse24_conv2d", backend, x, values, meta, bias, *geometry)
 
 
 @sparse24_conv2d_op.register_fake
 def _sparse24_conv2d_fake(x, values, meta, bias, stride, padding, dilation, kernel_size, backend):
+    checks.check_sparse24_conv2d_tensors(OP_NAME, x, values, meta, bias, stride, padding, dilation, kernel_size)
     bsz, _, h, w = x.shape
     oh = conv_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = conv_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1])

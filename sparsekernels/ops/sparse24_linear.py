@@ -49,9 +49,12 @@ SPLIT_K_ENV_VAR = "SPARSEKERNELS_SPLIT_K"
 
 @triton.jit
 def select_24(pos, nibble, v0, v1):
-    """Dense in-group position ``pos`` holds v0 if it is the nibble's first stored position (bits 0-1), v1 if
-    the second (bits 2-3), else zero. The in-register 2:4 expansion, shared with the conv kernel."""
-    return tl.where(pos == (nibble & 0x3), v0, tl.where(pos == (nibble >> 2), v1, tl.zeros_like(v0)))
+    """Dense in-group position ``pos`` holds v0 if it is the nibble's first stored position (bits 0-1), plus v1
+    if it is the second (bits 2-3): zero when neither. The in-register 2:4 expansion, shared with the conv
+    kernel; two values stored at one position add, as in ``Sparse24Weight.to_dense``, so even metadata that
+    bypassed validation gives every backend the same weight."""
+    zero = tl.zeros_like(v0)
+    return tl.where(pos == (nibble & 0x3), v0, zero) + tl.where(pos == (nibble >> 2), v1, zero)
 
 
 @triton.jit
@@ -250,6 +253,15 @@ def _launch_splitk_reduce(workspace: torch.Tensor, bias: Optional[torch.Tensor],
         )
 
 
+def _check_buffer(fn: str, name: str, t, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    """A caller-given output buffer must be exactly what the launcher would allocate (the kernel writes all of it)."""
+    if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype
+                          or t.device != device):
+        got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"{fn}: expected {name} to be None or a {dtype} tensor of shape {shape} on {device}, got {got}")
+
+
 def launch_sparse24_linear(
     x2d: torch.Tensor,
     values: torch.Tensor,
@@ -261,26 +273,36 @@ def launch_sparse24_linear(
     split_k: Optional[int] = None,
     workspace: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run the Triton kernel on checked inputs: ``x2d`` ``[M, K]``; returns ``[M, N]`` in ``x2d.dtype``.
+    """Run the Triton kernel: ``x2d`` ``[M, K]``; returns ``[M, N]`` in ``x2d.dtype``.
 
+    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_linear_tensors`,
+    shapes and dtypes only), so no tensor is read out of bounds whatever the metadata holds.
     ``out`` / ``workspace`` (tests poison them to check every element is written) and ``split_k`` are
     knobs; by default they are allocated / chosen here.
+
+    Raises:
+        TypeError / ValueError: inputs outside the op's contract, or knobs of the wrong shape.
+        RuntimeError: a device / dtype the Triton kernel cannot compute (:func:`routing.check_triton_runs`).
     """
+    fn = "launch_sparse24_linear()"
+    checks.check_sparse24_linear_tensors(fn, x2d, values, meta, bias, in_features)
+    if x2d.dim() != 2:
+        raise ValueError(f"{fn}: expected a 2-D x2d [M, {in_features}], got shape {tuple(x2d.shape)}")
+    routing.check_triton_runs(fn, x2d.device, x2d.dtype)
     m, k = x2d.shape
     n = values.shape[0]
+    _check_buffer(fn, "out", out, (m, n), x2d.dtype, x2d.device)
     if out is None:
         out = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
-    if m == 0 or n == 0:
-        return out
-    if k == 0:
-        out.zero_()
-        if bias is not None:
-            out += bias
+    if m == 0:
         return out
     if split_k is None:
         split_k = choose_split_k(m, n, k, x2d.device)
+    if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"{fn}: expected split_k to be an int >= 1, got {split_k!r}")
     dot_precision = "ieee" if x2d.dtype == torch.float32 else "tf32"
     if split_k > 1:
+        _check_buffer(fn, "workspace", workspace, (split_k, m, n), torch.float32, x2d.device)
         if workspace is None:
             workspace = torch.empty((split_k, m, n), dtype=torch.float32, device=x2d.device)
         target, has_bias = workspace, False
@@ -359,14 +381,18 @@ def sparse24_linear_op(
     in_features: int,
     backend: str,
 ) -> torch.Tensor:
-    """``sparsekernels::sparse24_linear`` on inputs checked by :func:`sparsekernels.sparse24_linear`, with the
-    backend resolved by :func:`sparsekernels.ops.routing.resolve`."""
+    """``sparsekernels::sparse24_linear``: the contract of :func:`sparsekernels.sparse24_linear` on its tensors,
+    checked again here (the op can be called directly), then the backend resolved by
+    :func:`sparsekernels.ops.routing.resolve`."""
+    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features)
+    backend = routing.resolve("sparse24_linear", OP_NAME, backend, x, values.shape[0])
     y = routing.run("sparse24_linear", backend, x.reshape(-1, in_features), values, meta, bias, in_features)
     return y.reshape(*x.shape[:-1], values.shape[0])
 
 
 @sparse24_linear_op.register_fake
 def _sparse24_linear_fake(x, values, meta, bias, in_features, backend):
+    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 

@@ -66,6 +66,13 @@ _EXPORTS = {
     "BNScale": "pruning.importance",
     "ScoreCriterion": "pruning.importance",
     "register_criterion": "pruning.importance",
+    # N:M quality: channel permutation and the post-SparseGPT criteria
+    "search_permutation": "pruning.permutation",
+    "SearchConfig": "pruning.permutation",
+    "permute_for_nm": "pruning.channels.permute",
+    "PermutationReport": "pruning.channels.permute",
+    "RIA": "pruning.nm_criteria",
+    "ALPS": "pruning.nm_criteria",
     # channel pruning
     "prune_channels": "pruning.channels",
     "ChannelPruningReport": "pruning.channels",

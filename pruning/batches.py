@@ -19,6 +19,9 @@ inputs are written ``((a, b), targets)`` or ``((a, b),)``, or as a dict of keywo
 *inputs* rule (a tensor, a mapping of keyword inputs, a tuple / list of positional inputs) is what
 ``prune_channels(example_inputs=...)`` takes.
 
+Padding: a mapping batch's 2-D ``attention_mask`` (``0`` = padded position, the Hugging Face convention) says
+which tokens are real (:func:`token_mask`); calibration statistics leave the padded ones out.
+
 Also here: the helpers every batch consumer shares (moving a batch to the model's device, running a model
 in eval mode with its modes restored, finding the logits in an output, the default task loss, the
 progress bar).
@@ -35,6 +38,8 @@ from torch import nn
 __all__ = [
     "split_batch",
     "input_args",
+    "token_mask",
+    "StopForward",
     "call_model",
     "move_batch",
     "model_device",
@@ -101,6 +106,27 @@ def input_args(inputs, what: str = "inputs") -> tuple[tuple, dict]:
                     f"got {type(inputs).__name__}")
 
 
+def token_mask(inputs) -> torch.Tensor | None:
+    """The real (unpadded) tokens of one batch's inputs: a ``torch.bool`` ``[batch, seq]`` tensor, ``True`` where a
+    mapping's 2-D ``attention_mask`` is non-zero; ``None`` when the inputs carry no such mask (every row counts).
+
+    Raises:
+        ValueError: an ``attention_mask`` that is 2-D but not made of 0 / 1 (or booleans).
+    """
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("calibration batch: expected a 2-D attention_mask of 0 (padding) and 1 (token), got values "
+                         f"{sorted({float(v) for v in mask.unique()[:5].tolist()})}")
+    return mask != 0
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early, once what it came for has been seen (caught by the loop
+    that started the pass)."""
+
+
 def call_model(model: nn.Module, inputs, what: str = "inputs"):
     """``model(x)``, ``model(**inputs)`` or ``model(*inputs)`` for a tensor, a mapping or a tuple / list.
 
@@ -112,11 +138,14 @@ def call_model(model: nn.Module, inputs, what: str = "inputs"):
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (or buffer); CPU for a model without tensors."""
+    """Device of the model's first parameter (or buffer) that holds values; CPU for a model without one (a model
+    whose weights an Accelerate offload hook keeps on the meta device between forward passes included)."""
     for t in model.parameters():
-        return t.device
+        if t.device.type != "meta":
+            return t.device
     for t in model.buffers():
-        return t.device
+        if t.device.type != "meta":
+            return t.device
     return torch.device("cpu")
 
 

@@ -8,7 +8,13 @@ not touched) and every hook is removed afterwards, even on error.
 Layer inputs are seen as the rows of the layer's GEMM (:func:`layer_input_columns`); for ``nn.Conv2d`` the
 input is unfolded (im2col) with the channels-last column order of :func:`pruning.patterns.weight_matrix`
 (kernel row, kernel column, input channel), so Wanda norms and SparseGPT Hessians line up with the N:M
-groups ``sparsekernels`` executes.
+groups ``sparsekernels`` executes. A Hugging Face ``Conv1D`` reads its input like a Linear.
+
+Padded positions never enter a statistic: when a batch is a mapping with a 2-D ``attention_mask``
+(:func:`pruning.batches.token_mask`), a layer whose input has one row per token (``[batch, seq, features]``
+matching the mask, or ``[batch * seq, features]``) contributes only the rows of real tokens, to the Hessian, the
+Wanda norms and the row count alike. A layer whose rows are not tokens (a pooler's ``[batch, features]``, a
+convolution's pixels, experts fed a gathered subset of tokens) cannot be matched to the mask and counts every row.
 
 Taylor importance, for weights and for channels, takes its gradients from :func:`accumulate_taylor`, the
 one loop that runs ``loss_fn`` on every batch and hands ``w * dL/dw`` to the caller's reduction.
@@ -22,11 +28,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batches import call_model, check_batches, eval_mode, model_device, move_batch, progress_bar, split_batch
+from .batches import (
+    StopForward,
+    call_model,
+    check_batches,
+    eval_mode,
+    model_device,
+    move_batch,
+    progress_bar,
+    split_batch,
+    token_mask,
+)
+from .patterns import is_conv1d
 
 __all__ = [
     "layer_input_columns",
+    "real_token_rows",
     "InputStatistics",
+    "InputRecorder",
     "collect_input_statistics",
     "accumulate_taylor",
     "taylor_scores",
@@ -53,19 +72,20 @@ def _conv_pad(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The rows of the layer's GEMM: ``[tokens, in]`` for Linear, ``[N * L, kh * kw * in]`` for Conv2d.
+    """The rows of the layer's GEMM: ``[tokens, in]`` for Linear and ``Conv1D``, ``[N * L, kh * kw * in]`` for Conv2d.
 
     The conv columns follow the channels-last order of :func:`pruning.patterns.weight_matrix`
     (kernel row, kernel column, input channel), so ``columns @ weight_matrix(conv).T`` is the
     convolution's output (without bias). Grouped convolutions are not supported here.
 
     Raises:
-        TypeError: not a Linear / Conv2d.
+        TypeError: not a Linear / Conv2d / ``Conv1D``.
         ValueError: grouped convolution, or an input of the wrong shape.
     """
-    if isinstance(module, nn.Linear):
-        if x.shape[-1] != module.in_features:
-            raise ValueError(f"layer_input_columns(): expected input [..., {module.in_features}], got {tuple(x.shape)}")
+    if isinstance(module, nn.Linear) or is_conv1d(module):
+        features = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]
+        if x.shape[-1] != features:
+            raise ValueError(f"layer_input_columns(): expected input [..., {features}], got {tuple(x.shape)}")
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, nn.Conv2d):
         if module.groups != 1:
@@ -81,7 +101,26 @@ def layer_input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         n, _, length = cols.shape  # [N, C * kh * kw, L], channel-major
         cols = cols.reshape(n, module.in_channels, kh * kw, length).permute(0, 3, 2, 1)  # [N, L, kh*kw, C]
         return cols.reshape(n * length, kh * kw * module.in_channels)
-    raise TypeError(f"layer_input_columns(): expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+    raise TypeError(f"layer_input_columns(): expected nn.Linear, nn.Conv2d or Conv1D, got {type(module).__name__}")
+
+
+def real_token_rows(cols: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The rows of ``cols`` (``layer_input_columns(module, x)``) that belong to real tokens.
+
+    Args:
+        cols: ``[rows, k]``, one row per position of ``x`` but its last dimension.
+        x: the layer input the rows come from.
+        tokens: ``torch.bool`` ``[batch, seq]`` (:func:`pruning.batches.token_mask`), or ``None``.
+
+    Returns:
+        ``cols`` without the padded rows when ``x`` is ``[batch, seq, features]`` with ``[batch, seq]`` the mask's
+        shape, or ``[batch * seq, features]``; otherwise (no mask, rows that are not tokens) ``cols`` itself.
+    """
+    if tokens is None or x.dim() < 2:
+        return cols
+    if tuple(x.shape[:-1]) == tuple(tokens.shape) or (x.dim() == 2 and x.shape[0] == tokens.numel()):
+        return cols[tokens.reshape(-1).to(cols.device)]
+    return cols
 
 
 @dataclass
@@ -99,6 +138,76 @@ class InputStatistics:
     hessian: torch.Tensor | None = None
 
 
+class InputRecorder:
+    """Forward pre-hooks that accumulate the :class:`InputStatistics` of layers' inputs; a context manager that
+    registers them on entry and removes them on exit (also on error).
+
+    Args:
+        layers: statistics key (the layer's name) -> Linear / Conv2d / ``Conv1D``.
+        hessian: also accumulate ``X^T X``.
+        dtype: accumulation precision.
+        stop_after: a key after whose input the forward pass may end: its hook raises
+            :class:`pruning.batches.StopForward` once it has recorded.
+        fn: how error messages start.
+
+    Attributes:
+        stats: key -> :class:`InputStatistics`, for every layer called so far.
+        tokens: the current batch's real tokens (:func:`pruning.batches.token_mask`), set by the caller before each
+            forward; ``None`` counts every row.
+        batch: the current batch's number, for error messages.
+    """
+
+    def __init__(self, layers: Mapping[str, nn.Module], *, hessian: bool = False, dtype: torch.dtype = torch.float64,
+                 stop_after: str | None = None, fn: str = "calibration"):
+        self.layers = dict(layers)
+        self.hessian = hessian
+        self.dtype = dtype
+        self.stop_after = stop_after
+        self.fn = fn
+        self.stats: dict[str, InputStatistics] = {}
+        self.tokens: torch.Tensor | None = None
+        self.batch = 0
+        self._handles = []
+
+    def _hook(self, name: str, module: nn.Module):
+        def hook(mod, args, kwargs=None):
+            x = args[0] if args else next(iter((kwargs or {}).values()))
+            x = x.detach()
+            cols = real_token_rows(layer_input_columns(module, x), x, self.tokens).to(self.dtype)
+            if not bool(torch.isfinite(cols).all()):
+                raise ValueError(f"{self.fn}: layer {name or '<model>'!r} received NaN or inf inputs in calibration "
+                                 f"batch {self.batch} (non-finite calibration data, or an earlier layer overflowed); "
+                                 "refusing to compute statistics from them")
+            st = self.stats.get(name)
+            if st is None:
+                k = cols.shape[1]
+                st = self.stats[name] = InputStatistics(
+                    0, torch.zeros(k, dtype=self.dtype, device=cols.device),
+                    torch.zeros(k, k, dtype=self.dtype, device=cols.device) if self.hessian else None)
+            st.rows += cols.shape[0]
+            st.sq_norms += cols.square().sum(0)
+            if st.hessian is not None:
+                st.hessian.addmm_(cols.T, cols)
+            if name == self.stop_after:
+                raise StopForward
+
+        return hook
+
+    def __enter__(self) -> "InputRecorder":
+        try:
+            for name, module in self.layers.items():
+                self._handles.append(module.register_forward_pre_hook(self._hook(name, module), with_kwargs=True))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def collect_input_statistics(
     model: nn.Module,
     modules: Mapping[str, nn.Module],
@@ -113,8 +222,9 @@ def collect_input_statistics(
 
     Args:
         model: the model; run in eval mode under ``torch.no_grad()`` (modes restored afterwards).
-        modules: name -> Linear / Conv2d inside ``model`` to observe.
-        calib: iterable of batches (:mod:`pruning.batches`; targets are ignored).
+        modules: name -> Linear / Conv2d / ``Conv1D`` inside ``model`` to observe.
+        calib: iterable of batches (:mod:`pruning.batches`; targets are ignored; a mapping's 2-D
+            ``attention_mask`` keeps padded positions out of the statistics, see the module docstring).
         hessian: also accumulate ``X^T X`` (SparseGPT).
         dtype: accumulation precision.
         progress: show a progress bar.
@@ -130,55 +240,20 @@ def collect_input_statistics(
     """
     fn = "calibration"
     check_batches(fn, calib)
-    stats: dict[str, InputStatistics] = {}
-
-    class _Stop(Exception):
-        pass
-
-    def make_hook(name: str, module: nn.Module):
-        def hook(mod, args, kwargs=None):
-            x = args[0] if args else next(iter((kwargs or {}).values()))
-            cols = layer_input_columns(module, x.detach()).to(dtype)
-            if not bool(torch.isfinite(cols).all()):
-                raise ValueError(f"{fn}: layer {name or '<model>'!r} received NaN or inf inputs in calibration batch "
-                                 f"{seen} (non-finite calibration data, or an earlier layer overflowed); refusing "
-                                 "to compute statistics from them")
-            st = stats.get(name)
-            if st is None:
-                st = stats[name] = InputStatistics(
-                    0,
-                    torch.zeros(cols.shape[1], dtype=dtype, device=cols.device),
-                    torch.zeros(cols.shape[1], cols.shape[1], dtype=dtype, device=cols.device) if hessian else None,
-                )
-            st.rows += cols.shape[0]
-            st.sq_norms += cols.square().sum(0)
-            if st.hessian is not None:
-                st.hessian.addmm_(cols.T, cols)
-            if name == stop_after:
-                raise _Stop
-
-        return hook
-
-    handles = []
     device = model_device(model)
-    seen = 0
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(make_hook(name, module), with_kwargs=True))
+    with InputRecorder(modules, hessian=hessian, dtype=dtype, stop_after=stop_after, fn=fn) as recorder:
         with eval_mode(model), torch.no_grad():
             for batch in progress_bar(calib, desc="calibration", enabled=progress):
-                seen += 1
+                recorder.batch += 1
                 inputs, _ = split_batch(batch, "calibration batch")
+                recorder.tokens = token_mask(inputs)
                 try:
                     call_model(model, move_batch(inputs, device), "calibration batch inputs")
-                except _Stop:
+                except StopForward:
                     pass
-    finally:
-        for h in handles:
-            h.remove()
-    if seen == 0:
+    if recorder.batch == 0:
         raise ValueError(f"{fn}: expected at least one calibration batch, got an empty iterable")
-    return stats
+    return recorder.stats
 
 
 def accumulate_taylor(

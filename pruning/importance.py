@@ -28,12 +28,17 @@ applies (which weight patterns, weight and / or channel pruning). Two kinds impl
 * a :class:`ReconstructingCriterion` chooses the masks itself and rewrites the kept weights
   (:meth:`~ReconstructingCriterion.reconstruct`; SparseGPT).
 
+One layer at a time: a criterion that can prune a layer from that layer's own input statistics declares which
+(``layer_inputs``: ``"none"``, ``"norms"``, ``"hessian"``) and implements :meth:`~ImportanceCriterion.prune_layer`;
+the block-sequential pipeline (:mod:`pruning.sequential`) then runs it block by block on a language model.
+
 Names resolve through one registry: :func:`register_criterion` adds a criterion that ``prune_weights``,
 ``prune_channels`` and ``sensitivity_analysis`` then accept by name. Calibration batches follow
 :mod:`pruning.batches`.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +49,15 @@ from torch import nn
 
 from .batches import progress_bar
 from .calibration import accumulate_taylor, collect_input_statistics, taylor_scores
-from .patterns import Pattern, matrix_to_weight, weight_matrix
+from .patterns import (
+    Pattern,
+    in_column_order,
+    input_column_order,
+    is_conv1d,
+    matrix_to_weight,
+    scores_to_mask,
+    weight_matrix,
+)
 from .registry import Registration, Registry
 from .sparsegpt import sparsegpt_prune
 
@@ -66,6 +79,7 @@ __all__ = [
     "magnitude_scores",
     "wanda_scores",
     "check_finite_scores",
+    "prune_layer_in_order",
 ]
 
 # Layers whose ``weight`` is a per-channel scale (network slimming's gamma).
@@ -134,6 +148,11 @@ class ImportanceCriterion:
         row_budget: with ``"unstructured"``, every output row loses the same share.
         reiterates_calib: runs more than one pass over ``calib`` (which must then be re-iterable).
         weight_pruning, channel_pruning: where it can be used.
+        layer_inputs: what :meth:`prune_layer` needs of a layer's input to prune that layer alone: ``"none"`` (its
+            weight only), ``"norms"`` (``sum x^2`` per column), ``"hessian"`` (``X^T X`` and the norms), or ``None``:
+            no per-layer rule (the criterion's scores come from the whole model, e.g. Taylor's loss gradient).
+        true_sequential: each group of layers of a block that share an input is calibrated on the output of the
+            groups before it, already pruned (else every group of a block from the block's input at once).
     """
 
     name = "base"
@@ -145,6 +164,23 @@ class ImportanceCriterion:
     reiterates_calib = False
     weight_pruning = True
     channel_pruning = True
+    layer_inputs = None
+    true_sequential = False
+
+    def prune_layer(self, matrix: torch.Tensor, stats, pattern: Pattern,
+                    sparsity: float | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Prune one layer by itself (criteria with ``layer_inputs``).
+
+        Args:
+            matrix: the GEMM-view weight ``[out, cols]`` (:func:`pruning.patterns.weight_matrix`); not modified.
+            stats: the layer's :class:`pruning.calibration.InputStatistics` (``None`` when ``layer_inputs == "none"``).
+            pattern: an ``"nm"``, ``"unstructured"`` or ``"block"`` pattern; sparsity: its budget (``None`` for N:M).
+
+        Returns:
+            ``(new_matrix, keep)``: the rewritten GEMM-view weight (``None`` when the kept weights are kept as they
+            are) and the ``torch.bool`` keep mask, both ``[out, cols]``.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no per-layer rule (layer_inputs is None)")
 
 
 @dataclass(frozen=True)
@@ -232,6 +268,23 @@ class ReconstructingCriterion(ImportanceCriterion):
         raise NotImplementedError(f"{type(self).__name__} does not implement reconstruct()")
 
 
+def prune_layer_in_order(crit: ImportanceCriterion, module: nn.Module, matrix: torch.Tensor, stats,
+                         pattern: Pattern, sparsity: float | None):
+    """``crit.prune_layer(matrix, stats, pattern, sparsity)`` for ``module``, in the column order its N:M groups
+    are formed in: a layer carrying an ``input_perm`` (:func:`pruning.patterns.input_column_order`) is pruned with
+    its columns, Wanda norms and Hessian permuted, so the mask is N:M in the order the sparse runtime stores it;
+    the weight and mask come back in the natural order."""
+    order = input_column_order(module, pattern)
+    if order is None:
+        return crit.prune_layer(matrix, stats, pattern, sparsity)
+
+    def solve(mat, sq_norms, hessian):
+        moved = None if stats is None else dataclasses.replace(stats, sq_norms=sq_norms, hessian=hessian)
+        return crit.prune_layer(mat, moved, pattern, sparsity)
+
+    return in_column_order(solve, matrix, order, getattr(stats, "sq_norms", None), getattr(stats, "hessian", None))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Scoring criteria
 # ---------------------------------------------------------------------------------------------------
@@ -258,6 +311,7 @@ class Magnitude(ScoreCriterion):
     """``|w|``. Needs no data. Per channel the L1 norm of its slice (``norm=1``) or the L2 norm (``norm=2``)."""
 
     norm: int = 1
+    layer_inputs = "none"
 
     def __post_init__(self):
         if self.norm not in (1, 2) or isinstance(self.norm, bool):
@@ -273,6 +327,9 @@ class Magnitude(ScoreCriterion):
     def reduce_slices(self, scores, dim):
         rows = _rows(scores, dim)
         return rows.sum(1) if self.norm == 1 else rows.square().sum(1).sqrt()
+
+    def prune_layer(self, matrix, stats, pattern, sparsity):
+        return None, scores_to_mask(magnitude_scores(matrix), pattern, sparsity, self.row_budget)
 
 
 @dataclass(frozen=True)
@@ -319,19 +376,24 @@ class Wanda(ScoreCriterion):
     patterns = ("nm", "unstructured", "block")
     reads_layer_inputs = True
     row_budget = True
+    layer_inputs = "norms"
+
+    def prune_layer(self, matrix, stats, pattern, sparsity):
+        return None, scores_to_mask(wanda_scores(matrix, stats.sq_norms), pattern, sparsity, self.row_budget)
 
     def scores(self, model, names, calib=None, loss_fn=None, *, progress=True):
         layers = {}
         for n in names:
             mod_name, _, attr = n.rpartition(".")
             module = model.get_submodule(mod_name)
-            if attr == "weight" and isinstance(module, (nn.Linear, nn.Conv2d)) and getattr(module, "groups", 1) == 1:
+            layer = isinstance(module, (nn.Linear, nn.Conv2d)) or is_conv1d(module)
+            if attr == "weight" and layer and getattr(module, "groups", 1) == 1:
                 layers[n] = module
         # statistics are keyed by layer name, so a refusal (non-finite inputs) names the layer
         by_layer = {n.rpartition(".")[0]: m for n, m in layers.items()}
         stats = collect_input_statistics(model, by_layer, calib, progress=progress) if layers else {}
         return {
-            n: matrix_to_weight(wanda_scores(weight_matrix(m.weight.detach()), stats[layer].sq_norms), m.weight.shape)
+            n: matrix_to_weight(wanda_scores(weight_matrix(m).detach(), stats[layer].sq_norms), m)
             for n, m in layers.items()
             if (layer := n.rpartition(".")[0]) in stats
         }
@@ -364,10 +426,15 @@ class SparseGPT(ReconstructingCriterion):
     Attributes:
         blocksize: columns processed per lazy-update block (rounded down to a multiple of ``m`` for N:M).
         damp: dampening added to the Hessian diagonal, as a fraction of its mean diagonal.
-        dtype: precision of the Hessian and the OBS updates (``torch.float64`` or ``torch.float32``).
+        dtype: precision of the Hessian and the OBS updates (``torch.float32``, the reference's, or
+            ``torch.float64``, which doubles the memory of the Hessian and of the solve; on the scaling benchmark's
+            8-layer Llama it did not lower the logits error, docs/pruning.md "Language models").
         sequential: prune layers one after another, collecting each layer's Hessian with the earlier
-            layers already pruned (as in the paper; one calibration pass per layer, one Hessian in
-            memory at a time). ``False``: one pass, every Hessian from the dense model.
+            layers already pruned (one Hessian in memory at a time). On a model with a stack of blocks
+            (:mod:`pruning.sequential`) that is the true-sequential order inside each block: one pass per group
+            of layers that share an input. ``False``: on a stack, every layer of a block from the block's input
+            (the reference implementation's order, one calibrating pass per block); on a model without one, a
+            single pass and every Hessian from the dense model.
     """
 
     name = "sparsegpt"
@@ -377,8 +444,9 @@ class SparseGPT(ReconstructingCriterion):
     # memory of the lazy updates, damp only matters for ill-conditioned Hessians.
     blocksize: int = 128
     damp: float = 0.01
-    dtype: torch.dtype = torch.float64
+    dtype: torch.dtype = torch.float32
     sequential: bool = True
+    layer_inputs = "hessian"
 
     def __post_init__(self):
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
@@ -392,6 +460,15 @@ class SparseGPT(ReconstructingCriterion):
     def reiterates_calib(self) -> bool:
         """Sequential mode runs one calibration pass per layer, so ``calib`` must be re-iterable."""
         return self.sequential
+
+    @property
+    def true_sequential(self) -> bool:
+        return self.sequential
+
+    def prune_layer(self, matrix, stats, pattern, sparsity):
+        n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)
+        return sparsegpt_prune(matrix, stats.hessian, n=n, m=m, sparsity=None if m else sparsity,
+                               blocksize=self.blocksize, damp=self.damp, dtype=self.dtype)
 
     def reconstruct(self, model, layers, pattern, sparsity, calib, *, progress=True):
         n, m = (pattern.n, pattern.m) if pattern.kind == "nm" else (0, 0)
@@ -409,18 +486,10 @@ class SparseGPT(ReconstructingCriterion):
                 if name not in stats:
                     continue
                 weight = module.weight.detach()
-                new_matrix, keep_matrix = sparsegpt_prune(
-                    weight_matrix(weight),
-                    stats.pop(name).hessian,
-                    n=n,
-                    m=m,
-                    sparsity=None if m else sparsity[name],
-                    blocksize=self.blocksize,
-                    damp=self.damp,
-                    dtype=self.dtype,
-                )
-                new_weight = matrix_to_weight(new_matrix, weight.shape).to(weight.device)
-                results[name] = (new_weight, matrix_to_weight(keep_matrix, weight.shape).to(weight.device))
+                new_matrix, keep_matrix = prune_layer_in_order(self, module, weight_matrix(module).detach(),
+                                                               stats.pop(name), pattern, None if m else sparsity[name])
+                new_weight = matrix_to_weight(new_matrix, module).to(weight.device)
+                results[name] = (new_weight, matrix_to_weight(keep_matrix, module).to(weight.device))
                 if self.sequential:
                     # Later layers calibrate on this layer's pruned output.
                     originals[name] = weight.clone()

@@ -28,7 +28,9 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, *, pattern: str = "custom
     """Attach a boolean ``weight_mask`` buffer to ``module`` and zero its pruned weights in place.
 
     Args:
-        module: ``nn.Linear`` / ``nn.Conv2d`` (anything with a ``weight`` parameter).
+        module: ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` (anything with a ``weight`` parameter). For a
+            layer offloaded by Accelerate (weight on the meta device) the caller writes the pruned values into the
+            offloaded weight itself (:func:`pruning.offload.write_weight`); the mask is attached where it is.
         mask: ``torch.bool`` tensor of the weight's shape, ``True`` = kept.
         pattern, importance: recorded for reports and plans.
 
@@ -43,9 +45,14 @@ def attach_mask(module: nn.Module, mask: torch.Tensor, *, pattern: str = "custom
         raise TypeError(f"attach_mask(): expected a torch.bool mask, got {getattr(mask, 'dtype', type(mask).__name__)}")
     if mask.shape != weight.shape:
         raise ValueError(f"attach_mask(): expected a mask of shape {tuple(weight.shape)}, got {tuple(mask.shape)}")
-    mask = mask.to(weight.device)
-    with torch.no_grad():
-        weight.mul_(mask)
+    if weight.device.type == "meta":
+        # An Accelerate-offloaded layer: its values live in the hook's weights map (already pruned by the caller),
+        # and the mask stays where it was made.
+        mask = mask.detach()
+    else:
+        mask = mask.to(weight.device)
+        with torch.no_grad():
+            weight.mul_(mask)
     if MASK_NAME in module._buffers:
         module._buffers[MASK_NAME] = mask
     else:

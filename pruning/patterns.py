@@ -4,9 +4,10 @@ Every function here takes *scores* (higher = more important, any real dtype) and
 mask of the same shape, ``True`` where the weight is kept. Ties are broken deterministically by
 ``torch.topk`` so budgets are met exactly, whatever the scores.
 
-Weights of ``nn.Conv2d`` are pruned in their GEMM view (:func:`weight_matrix`): ``[out, kh * kw * in]``
-in channels-last order, so that N:M groups run along the input channels at each kernel position —
-exactly the layout ``sparsekernels.compress_24`` expects for convolutions.
+Weights are pruned in their GEMM view (:func:`weight_matrix`, ``[out, cols]``): a Linear's weight as it is,
+an ``nn.Conv2d``'s as ``[out, kh * kw * in]`` in channels-last order, so that N:M groups run along the input
+channels at each kernel position (exactly the layout ``sparsekernels.compress_24`` expects for convolutions),
+and a Hugging Face ``Conv1D``'s (GPT-2: ``y = x @ W + b``, weight stored ``[in, out]``) as ``weight.T``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ __all__ = [
     "block_mask",
     "Pattern",
     "parse_pattern",
+    "scores_to_mask",
+    "INPUT_PERM",
+    "input_perm_problem",
+    "input_column_order",
+    "in_column_order",
+    "is_conv1d",
+    "gemm_shape",
     "weight_matrix",
     "matrix_to_weight",
     "pruned_count",
@@ -284,27 +292,164 @@ def parse_pattern(pattern) -> Pattern:
     )
 
 
-def weight_matrix(module_or_weight) -> torch.Tensor:
-    """The GEMM view of a Linear / Conv2d weight: ``[out, in]``, or ``[out, kh * kw * in]`` channels-last.
+def scores_to_mask(scores: torch.Tensor, pat: Pattern, sparsity: float | None, row_budget: bool) -> torch.Tensor:
+    """The keep mask of one layer's GEMM-view ``scores`` ``[out, cols]`` under ``pat``.
 
-    For a convolution the columns are ordered (kernel row, kernel column, input channel), i.e.
-    ``weight.permute(0, 2, 3, 1).reshape(out, -1)``, so groups of consecutive columns run along the
-    input channels at one kernel position. Returns a new tensor (a copy for convolutions).
+    Args:
+        scores: real ``[out, cols]`` scores (higher = more important).
+        pat: an ``"nm"``, ``"unstructured"`` or ``"block"`` :class:`Pattern` (``"global"`` spans layers: use
+            :func:`global_unstructured_masks`).
+        sparsity: the layer's budget (``None`` for N:M).
+        row_budget: an unstructured budget applies to each output row (Wanda's comparison group).
     """
-    w = module_or_weight.weight if isinstance(module_or_weight, nn.Module) else module_or_weight
+    if pat.kind == "nm":
+        return nm_mask(scores, pat.n, pat.m)
+    if pat.kind == "block":
+        return block_mask(scores, pat.block, sparsity)
+    return unstructured_mask(scores, sparsity, dim=-1 if row_budget else None)
+
+
+def in_column_order(solve, matrix: torch.Tensor, order: torch.Tensor | None, *columns_of):
+    """``solve(matrix, *columns_of)`` with the GEMM columns taken in ``order`` (:func:`input_column_order`; ``None``:
+    call it as it is), its results put back in the natural order.
+
+    ``columns_of`` are per-column statistics permuted along with the columns: ``[cols]`` vectors and
+    ``[cols, cols]`` matrices (permuted on both axes), or None. ``solve`` returns a tensor or a tuple of tensors (or
+    None) shaped like ``matrix``, whose columns are moved back.
+    """
+    if order is None:
+        return solve(matrix, *columns_of)
+    order = order.to(matrix.device)
+    moved = [None if t is None else (t.index_select(0, order.to(t.device)) if t.dim() == 1
+                                     else t.index_select(0, order.to(t.device)).index_select(1, order.to(t.device)))
+             for t in columns_of]
+    out = solve(matrix.index_select(1, order), *moved)
+    back = torch.argsort(order)
+
+    def restore(t):
+        return None if t is None else t.index_select(1, back.to(t.device))
+
+    return tuple(restore(t) for t in out) if isinstance(out, tuple) else restore(out)
+
+
+INPUT_PERM = "input_perm"
+
+
+def input_perm_problem(module: nn.Module) -> str | None:
+    """Why the ``input_perm`` buffer ``module`` carries is unusable, or None (also when it carries none).
+
+    A layer carries ``input_perm`` when its producers could not be reordered for it
+    (:func:`pruning.channels.permute_for_nm`): an ``int64`` permutation of its input features (Linear, ``Conv1D``)
+    or channels (Conv2d, the same at every kernel position) that the sparse runtime gathers its input by.
+    """
+    perm = module._buffers.get(INPUT_PERM)
+    if perm is None:
+        return None
+    if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.dim() != 1:
+        return f"its input_perm is not a 1-D int64 tensor (got {getattr(perm, 'dtype', type(perm).__name__)})"
+    size, want = perm.shape[0], input_width(module)
+    if size != want:
+        unit = "channel" if isinstance(module, nn.Conv2d) else "feature"
+        return f"its input_perm has {size} entries, expected {want} (one per input {unit})"
+    if perm.device.type == "meta":
+        return "its input_perm is on the meta device (no values)"
+    if not torch.equal(perm.detach().cpu().sort().values, torch.arange(size)):
+        return f"its input_perm is not a permutation of 0..{size - 1}"
+    return None
+
+
+def input_width(module: nn.Module) -> int:
+    """The length of a layer's ``input_perm``: its input channels (Conv2d) or input features (Linear, ``Conv1D``)."""
+    return module.weight.shape[1] if isinstance(module, nn.Conv2d) else gemm_shape(module)[1]
+
+
+def input_column_order(module: nn.Module, pat: Pattern) -> torch.Tensor | None:
+    """The GEMM-view column order an N:M mask of ``module`` is chosen in: ``None`` (the natural one) unless ``pat``
+    is N:M and the layer carries an ``input_perm`` (see :func:`input_perm_problem`). Then column ``j * L + i`` of
+    the stored order is column ``j * L + input_perm[i]`` of :func:`weight_matrix` (``L`` its length), the order
+    the sparse runtime compresses the weight in, so every group of ``m`` consecutive *stored* columns keeps at most
+    ``n``. Returns an ``int64`` index on the CPU.
+
+    Raises:
+        ValueError: the buffer is not a usable permutation (the message says why).
+    """
+    if pat.kind != "nm" or INPUT_PERM not in module._buffers:
+        return None
+    problem = input_perm_problem(module)
+    if problem is not None:
+        raise ValueError(f"layer {type(module).__name__}: {problem}")
+    perm = module._buffers[INPUT_PERM].detach().cpu()
+    cols, size = gemm_shape(module)[1], perm.shape[0]
+    return (torch.arange(0, cols, size)[:, None] + perm[None, :]).reshape(-1)
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections: weight
+    ``[in, out]``, ``y = x @ W + b``), recognised by class name and module prefix without importing transformers."""
+    cls = type(module)
+    weight = getattr(module, "weight", None)
+    return (cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
+            and isinstance(weight, torch.Tensor) and weight.dim() == 2)
+
+
+def gemm_shape(module: nn.Module) -> tuple[int, int]:
+    """``(out, cols)``: the shape of the layer's GEMM view (:func:`weight_matrix`), read from the weight's shape
+    only (so it works on the meta device)."""
+    shape = tuple(module.weight.shape)
+    if is_conv1d(module):
+        return shape[1], shape[0]
+    return shape[0], math.prod(shape[1:])
+
+
+def weight_matrix(module_or_weight, *, transposed: bool | None = None) -> torch.Tensor:
+    """The GEMM view ``[out, cols]`` of a Linear / Conv2d / Hugging Face ``Conv1D`` weight (or of any tensor shaped
+    like one, e.g. its scores or mask).
+
+    A Linear weight is returned as it is; a convolution's columns are ordered (kernel row, kernel column, input
+    channel), i.e. ``weight.permute(0, 2, 3, 1).reshape(out, -1)`` (a copy), so groups of consecutive columns run
+    along the input channels at one kernel position; a ``Conv1D`` weight (``[in, out]``) is viewed as ``weight.T``.
+
+    Args:
+        module_or_weight: a layer (its ``weight`` is taken, and a ``Conv1D`` is recognised) or a 2-D / 4-D tensor.
+        transposed: for a tensor: whether it is laid out ``[in, out]`` like a ``Conv1D`` weight. ``None`` (the
+            default) means: as the module says, or ``False`` for a tensor.
+
+    Raises:
+        ValueError: not a 2-D or 4-D weight, or ``transposed`` on a 4-D one.
+    """
+    if isinstance(module_or_weight, nn.Module):
+        w = module_or_weight.weight
+        if transposed is None:
+            transposed = is_conv1d(module_or_weight)
+    else:
+        w = module_or_weight
     if w.dim() == 2:
-        return w
-    if w.dim() == 4:
+        return w.T if transposed else w
+    if w.dim() == 4 and not transposed:
         return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-    raise ValueError(f"weight_matrix(): expected a 2-D or 4-D weight, got shape {tuple(w.shape)}")
+    raise ValueError(f"weight_matrix(): expected a 2-D or 4-D weight (a 4-D one not transposed), got shape "
+                     f"{tuple(w.shape)}{' transposed' if transposed else ''}")
 
 
-def matrix_to_weight(matrix: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`weight_matrix`: back to the module's weight ``shape`` (2-D or 4-D)."""
+def matrix_to_weight(matrix: torch.Tensor, shape, *, transposed: bool = False) -> torch.Tensor:
+    """Inverse of :func:`weight_matrix`: a GEMM-view ``[out, cols]`` tensor back in the layer's weight layout.
+
+    Args:
+        matrix: ``[out, cols]``.
+        shape: the weight's shape (2-D or 4-D), or the layer itself (its weight's shape, and ``Conv1D``'s
+            ``[in, out]`` layout, are then taken from it).
+        transposed: with a shape: the weight is laid out ``[in, out]`` (a ``Conv1D``).
+
+    Raises:
+        ValueError: a shape that is neither 2-D nor 4-D.
+    """
+    if isinstance(shape, nn.Module):
+        transposed = is_conv1d(shape)
+        shape = shape.weight.shape
     shape = tuple(shape)
     if len(shape) == 2:
-        return matrix.reshape(shape)
-    if len(shape) == 4:
+        return matrix.T.reshape(shape) if transposed else matrix.reshape(shape)
+    if len(shape) == 4 and not transposed:
         out, cin, kh, kw = shape
         return matrix.reshape(out, kh, kw, cin).permute(0, 3, 1, 2).contiguous()
     raise ValueError(f"matrix_to_weight(): expected a 2-D or 4-D shape, got {shape}")

@@ -10,18 +10,26 @@ import torch
 __all__ = ["sparsegpt_prune"]
 
 
-def _inverse_cholesky_upper(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, dampening more if H is too ill-conditioned."""
-    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
-    base = hessian.diagonal().mean().clamp_min(torch.finfo(hessian.dtype).tiny)
+def _inverse_cholesky_upper(fresh, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``, dampening more if H is too ill-conditioned.
+
+    ``fresh()`` returns a new copy of ``H``; the factorisation, the inverse and the factor of the inverse are all
+    computed in that one matrix (LAPACK works in place), so a wide layer costs two ``[cols, cols]`` matrices (the
+    caller's Hessian and this one), which sets SparseGPT's peak memory.
+    """
+    h = fresh()
+    base = h.diagonal().mean().clamp_min(torch.finfo(h.dtype).tiny)
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
     for attempt in range(6):
-        h = hessian + (damp * 10**attempt) * base * eye
-        chol, info = torch.linalg.cholesky_ex(h)
+        if attempt:
+            h = fresh()  # a failed factorisation leaves h overwritten
+        h.diagonal().add_((damp * 10**attempt) * base)
+        torch.linalg.cholesky_ex(h, out=(h, info))
         if int(info) == 0:
-            inv = torch.cholesky_inverse(chol)
-            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            torch.cholesky_inverse(h, out=h)
+            torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
             if int(info) == 0:
-                return upper
+                return h
     raise ValueError("sparsegpt_prune(): the calibration Hessian is not positive definite even with 1e5x dampening")
 
 
@@ -77,11 +85,15 @@ def sparsegpt_prune(
         raise ValueError(f"{fn}: expected blocksize >= 1, got {blocksize}")
 
     w = matrix.detach().to(dtype).clone()
-    h = hessian.detach().to(device=w.device, dtype=dtype).clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
+    dead = hessian.detach().diagonal().to(w.device) == 0
     w[:, dead] = 0.0
-    hinv = _inverse_cholesky_upper(h, damp)
+
+    def fresh() -> torch.Tensor:
+        h = hessian.detach().to(device=w.device, dtype=dtype, copy=True)
+        h[dead, dead] = 1.0
+        return h
+
+    hinv = _inverse_cholesky_upper(fresh, damp)
     # Dead columns carry no information: make them the first to go.
     prefer_dead = dead.to(dtype) * torch.finfo(dtype).max / 4
 
@@ -108,20 +120,18 @@ def sparsegpt_prune(
                 mask1 = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
         else:
             mask1 = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
+        d2 = d.square()
+        dead1 = prefer_dead[i1:i2]
         for i in range(count):
-            col = w1[:, i]
-            if m and i % m == 0:
-                score = w1[:, i : i + m].square() / d[i : i + m].square().unsqueeze(0)
-                score = score - prefer_dead[i1 + i : i1 + i + m].unsqueeze(0)
-                if m - n > 0:
-                    idx = score.topk(m - n, dim=1, largest=False, sorted=False).indices
-                    mask1.scatter_(1, i + idx, True)
-            q = col.clone()
-            q[mask1[:, i]] = 0.0
-            e = (col - q) / d[i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            q1[:, i] = q
+            if m and i % m == 0 and m - n > 0:
+                score = w1[:, i : i + m].square().div_(d2[i : i + m]).sub_(dead1[i : i + m])
+                idx = score.topk(m - n, dim=1, largest=False, sorted=False).indices
+                mask1.scatter_(1, i + idx, True)
+            col, pruned = w1[:, i], mask1[:, i]
+            q1[:, i] = col.masked_fill(pruned, 0.0)
+            e = col.masked_fill(~pruned, 0.0).div_(d[i])
             err1[:, i] = e
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)  # spread the error over the columns not yet processed
         w[:, i1:i2] = q1
         mask[:, i1:i2] = mask1
         if i2 < cols:

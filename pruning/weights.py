@@ -1,38 +1,56 @@
-"""One-shot weight pruning of ``nn.Linear`` / ``nn.Conv2d`` layers: :func:`prune_weights` and its report.
+"""One-shot weight pruning of ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` layers: :func:`prune_weights`
+and its report.
 
 Masks live on the model as described in :mod:`pruning.masks` (a ``weight_mask`` buffer per pruned layer).
 The criterion is any :class:`pruning.importance.ImportanceCriterion`: a scoring one gives per-element scores
 that become masks here; a reconstructing one (SparseGPT) returns each layer's new weight and mask.
+
+Two routes: a model with a stack of repeated blocks (a language model's decoder layers) is pruned block by block
+(:mod:`pruning.sequential`: time linear in depth, memory flat); any other model, or a criterion without a per-layer
+rule that rewrites weights, on the whole model at once.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
 from .batches import check_batches, progress_bar
+from .blocks import NotAChain, resolve_block_stack
 from .importance import (
     ImportanceCriterion,
     ReconstructingCriterion,
     ScoreCriterion,
     check_finite_scores,
-    criterion_names,
-    pattern_labels,
     resolve_importance,
 )
 from .masks import attach_mask
+from . import nm_criteria  # noqa: F401  (registers importance="ria" and "alps")
+from .offload import UNDO_PLACES
 from .patterns import (
     Pattern,
-    block_mask,
     global_unstructured_masks,
+    in_column_order,
+    input_column_order,
+    is_conv1d,
     matrix_to_weight,
-    nm_mask,
     parse_pattern,
-    unstructured_mask,
+    scores_to_mask,
     weight_matrix,
 )
+from .selection import (
+    LayerSelection,
+    SkippedLayer,
+    check_pattern_support,
+    layer_sparsity,
+    output_head,
+    select_layers,
+    validate_sparsity,
+)
+from .sequential import SequentialConfig, prune_sequentially
 from .transaction import all_or_nothing
 
 __all__ = [
@@ -45,6 +63,7 @@ __all__ = [
     "check_pattern_support",
     "layer_scores",
     "scores_to_mask",
+    "output_head",
 ]
 
 
@@ -73,22 +92,15 @@ class LayerPruning:
 
 
 @dataclass(frozen=True)
-class SkippedLayer:
-    """A Linear / Conv2d left dense, and why."""
-
-    name: str
-    kind: str
-    reason: str
-
-
-@dataclass(frozen=True)
 class PruningReport:
-    """What :func:`prune_weights` (or :func:`pruning.apply_plan`) did: every pruned layer and every skipped one."""
+    """What :func:`prune_weights` (or :func:`pruning.apply_plan`) did: every pruned layer and every skipped one, and
+    the ``route`` ``prune_weights`` took (block-sequential, layer by layer, or the whole model at once, and why)."""
 
     pattern: str
     importance: str
     layers: tuple[LayerPruning, ...]
     skipped: tuple[SkippedLayer, ...]
+    route: str = ""
 
     @property
     def pruned_names(self) -> list[str]:
@@ -112,12 +124,14 @@ class PruningReport:
             "overall_sparsity": self.overall_sparsity,
             "layers": [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers],
             "skipped": [asdict(s) for s in self.skipped],
+            "route": self.route,
         }
 
     def __str__(self) -> str:
         lines = [
             f"PruningReport: pattern={self.pattern}, importance={self.importance}, {len(self.layers)} layer(s) pruned "
             f"(overall sparsity {self.overall_sparsity:.4f}), {len(self.skipped)} skipped"
+            + (f"; {self.route}" if self.route else "")
         ]
         width = max([len(x.name) for x in self.layers] + [len(x.name) for x in self.skipped] + [5])
         for layer in self.layers:
@@ -131,193 +145,6 @@ class PruningReport:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layer selection and scores (shared with sensitivity analysis)
-# ---------------------------------------------------------------------------------------------------
-
-
-def _layer_sparsity(name: str, sparsity):
-    """The budget for one layer, or ``None`` when a per-layer mapping leaves it out."""
-    if isinstance(sparsity, Mapping):
-        return sparsity.get(name)
-    return sparsity
-
-
-def _validate_sparsity(fn: str, sparsity, pat: Pattern) -> None:
-    def check_one(label, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{fn}: expected {label} as a float in [0, 1], got {type(value).__name__}")
-        if not 0.0 <= float(value) <= 1.0:  # also rejects NaN
-            raise ValueError(f"{fn}: expected 0 <= {label} <= 1, got {value}")
-
-    if pat.kind == "nm":
-        if sparsity is not None:
-            raise ValueError(
-                f"{fn}: pattern {pat} fixes the sparsity at {pat.fixed_sparsity:g}; expected sparsity=None, got {sparsity!r}"
-            )
-        return
-    if sparsity is None:
-        raise ValueError(f"{fn}: pattern {pat!s} needs a sparsity (a float in [0, 1]), got None")
-    if isinstance(sparsity, Mapping):
-        if pat.kind == "global":
-            raise TypeError(f"{fn}: pattern 'global' takes one float sparsity, got a per-layer mapping")
-        for key, value in sparsity.items():
-            if not isinstance(key, str):
-                raise TypeError(f"{fn}: expected layer names as sparsity keys, got {type(key).__name__}")
-            check_one(f"sparsity[{key!r}]", value)
-        return
-    check_one("sparsity", sparsity)
-
-
-def check_pattern_support(fn: str, pat: Pattern, crit: ImportanceCriterion) -> None:
-    """Raise ``ValueError`` (naming ``fn``) when ``crit`` does not support the pattern kind of ``pat``."""
-    if pat.kind in crit.patterns:
-        return
-    if pat.kind == "global":
-        raise ValueError(
-            f"{fn}: pattern 'global' compares scores across layers; expected importance in "
-            f"{criterion_names('weights', 'global')}, got {crit.name!r} (use 'unstructured' with a per-layer "
-            "sparsity mapping instead)"
-        )
-    raise ValueError(f"{fn}: importance {crit.name!r} supports {pattern_labels(crit.patterns)} patterns, got {pat}")
-
-
-def _eligibility(module: nn.Module, pat: Pattern, crit: ImportanceCriterion) -> str | None:
-    """Why ``module`` cannot take this pattern / criterion, or ``None`` if it can."""
-    weight = module.weight
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "lazy module not initialised yet (run a forward pass first)"
-    if not weight.dtype.is_floating_point:
-        return f"weight dtype {weight.dtype} is not floating point"
-    if isinstance(module, nn.Conv2d) and weight.dim() != 4:
-        return f"unexpected conv weight shape {tuple(weight.shape)}"
-    rows, cols = weight.shape[0], weight[0].numel()
-    if pat.kind == "nm":
-        k = module.in_features if isinstance(module, nn.Linear) else module.in_channels // module.groups
-        what = "input features" if isinstance(module, nn.Linear) else "input channels per group"
-        if k % pat.m:
-            return f"{what} ({k}) not a multiple of m={pat.m}"
-    if pat.kind == "block":
-        br, bc = pat.block
-        if rows % br or cols % bc:
-            return f"GEMM view {rows}x{cols} not divisible by the {br}x{bc} block"
-    if crit.reads_layer_inputs and isinstance(module, nn.Conv2d) and module.groups != 1:
-        return f"{crit.name} needs im2col statistics; grouped convolutions (groups={module.groups}) are not supported"
-    return None
-
-
-def scores_to_mask(scores: torch.Tensor, pat: Pattern, sparsity: float | None, row_budget: bool) -> torch.Tensor:
-    """The keep mask of one layer's GEMM-view ``scores`` under ``pat`` (``sparsity``: its budget, ``None``
-    for N:M); ``row_budget``: an unstructured budget applies to each output row."""
-    if pat.kind == "nm":
-        return nm_mask(scores, pat.n, pat.m)
-    if pat.kind == "block":
-        return block_mask(scores, pat.block, sparsity)
-    return unstructured_mask(scores, sparsity, dim=-1 if row_budget else None)
-
-
-def _unsupported_reason(module: nn.Module) -> str | None:
-    """Why a weight-bearing layer that ``prune_weights`` does not handle is left dense, or ``None`` for
-    modules that are not such layers (embeddings, norms, containers...)."""
-    weight = module._parameters.get("weight")
-    if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
-        return None
-    kind = type(module).__name__
-    if kind == "Conv1D" and hasattr(module, "nf"):
-        return (
-            "transformers Conv1D (weight stored [in, out]) is not supported; only nn.Linear and nn.Conv2d "
-            "are pruned (convert it to nn.Linear with weight.t() first)"
-        )
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return f"{kind} is not supported; only nn.Linear and nn.Conv2d are pruned"
-    return None
-
-
-@dataclass
-class LayerSelection:
-    """The layers one pruning call works on.
-
-    Attributes:
-        selected: name -> Linear / Conv2d to prune, in module order.
-        skipped: the candidates left dense, with the reason.
-        order: every candidate's name in module order (to sort ``skipped``).
-    """
-
-    selected: dict[str, nn.Module] = field(default_factory=dict)
-    skipped: list[SkippedLayer] = field(default_factory=list)
-    order: list[str] = field(default_factory=list)
-
-    def skip(self, name: str, reason: str) -> None:
-        """Move a selected layer to ``skipped`` with ``reason``."""
-        module = self.selected.pop(name)
-        self.skipped.append(SkippedLayer(name, type(module).__name__, reason))
-
-    def sorted_skipped(self) -> tuple[SkippedLayer, ...]:
-        """``skipped`` in module order."""
-        rank = {n: i for i, n in enumerate(self.order)}
-        return tuple(sorted(self.skipped, key=lambda s: rank.get(s.name, -1)))
-
-
-def select_layers(
-    fn: str,
-    model: nn.Module,
-    pat: Pattern,
-    crit: ImportanceCriterion,
-    filter_fn: Callable[[str, nn.Module], bool] | None,
-    sparsity,
-) -> LayerSelection:
-    """The eligible Linear / Conv2d layers of ``model`` for this pattern, criterion, filter and budget, and the
-    candidates left dense with the reason (other weight layers such as ``nn.Conv1d`` are listed too).
-
-    Raises:
-        ValueError: a per-layer ``sparsity`` mapping names a layer that is not a Linear / Conv2d of the model.
-    """
-    sel = LayerSelection()
-    owners: dict[int, str] = {}
-    candidates = []  # the Linear / Conv2d layers
-    # Parameters held by other modules (e.g. a token embedding tied to an LM head): pruning a layer that
-    # shares one would silently zero entries of that module too.
-    foreign: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            for p in module._parameters.values():
-                if p is not None:
-                    foreign.setdefault(id(p), f"{name!r} ({type(module).__name__})")
-    for name, module in model.named_modules():
-        kind = type(module).__name__
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            why = _unsupported_reason(module)
-            if why is not None and (filter_fn is None or filter_fn(name, module)):
-                # Listed so that a model made of such layers (GPT-2's Conv1D) is not pruned silently.
-                sel.order.append(name)
-                sel.skipped.append(SkippedLayer(name, kind, why))
-            continue
-        sel.order.append(name)
-        candidates.append(name)
-        if filter_fn is not None and not filter_fn(name, module):
-            sel.skipped.append(SkippedLayer(name, kind, "excluded by filter_fn"))
-            continue
-        reason = _eligibility(module, pat, crit)
-        if reason is None and id(module.weight) in foreign:
-            reason = (
-                f"shares its weight with {foreign[id(module.weight)]}, which is not pruned; pruning it would zero "
-                "entries there too (untie the weights to prune it)"
-            )
-        if reason is None and id(module.weight) in owners:
-            reason = f"shares its weight with {owners[id(module.weight)]!r} (pruned there)"
-        if reason is None and isinstance(sparsity, Mapping) and name not in sparsity:
-            reason = "no entry in the per-layer sparsity mapping"
-        if reason is not None:
-            sel.skipped.append(SkippedLayer(name, kind, reason))
-            continue
-        owners[id(module.weight)] = name
-        sel.selected[name] = module
-    if isinstance(sparsity, Mapping):
-        unknown = sorted(set(sparsity) - set(candidates))
-        if unknown:
-            raise ValueError(f"{fn}: sparsity mapping names layers that are not Linear/Conv2d in the model: {unknown}")
-    return sel
-
-
 def _unscored_reason(crit: ImportanceCriterion) -> str:
     if crit.needs_calibration:
         return "received no input during calibration (not called?)"
@@ -344,13 +171,14 @@ def layer_scores(
     for pname, name in weights.items():
         if pname in scores:
             score = scores[pname]
-            shape = tuple(sel.selected[name].weight.shape)
+            module = sel.selected[name]
+            shape = tuple(module.weight.shape)
             if not isinstance(score, torch.Tensor) or tuple(score.shape) != shape:
                 got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
                 raise ValueError(f"importance {crit.name!r}: expected scores of layer {name or '<model>'!r} shaped "
                                  f"like its weight {shape}, got {got}")
             check_finite_scores(crit.name, f"layer {name or '<model>'!r}", score)
-            out[name] = weight_matrix(score)
+            out[name] = weight_matrix(score, transposed=is_conv1d(module))
         else:
             sel.skip(name, _unscored_reason(crit))
     return out
@@ -370,12 +198,19 @@ def prune_weights(
     loss_fn: Callable | None = None,
     filter_fn: Callable[[str, nn.Module], bool] | None = None,
     *,
+    blocks="auto",
+    prune_head: bool = False,
+    device: torch.device | str | None = None,
+    offload: bool = False,
+    undo: str | os.PathLike = "disk",
     progress: bool = True,
 ) -> PruningReport:
-    """Attach masks to every selected ``nn.Linear`` / ``nn.Conv2d`` of ``model`` and zero the pruned weights.
+    """Attach masks to every selected ``nn.Linear`` / ``nn.Conv2d`` / Hugging Face ``Conv1D`` of ``model`` and zero
+    the pruned weights.
 
     Args:
-        model: any ``nn.Module``; its Linear / Conv2d layers (including ``model`` itself) are candidates.
+        model: any ``nn.Module``; its Linear / Conv2d / ``Conv1D`` layers (including ``model`` itself) are
+            candidates. It may be dispatched by Accelerate (``device_map``, CPU or disk offload).
         pattern: ``"n:m"`` (e.g. ``"2:4"``; groups along the input dimension, for Conv2d along the input
             channels at each kernel position), ``"unstructured"`` (layer-wise budget), ``"global"`` (one
             budget across all selected layers; magnitude / taylor only) or ``"block<R>x<C>"`` (whole tiles
@@ -390,13 +225,28 @@ def prune_weights(
         calib: iterable of calibration batches (:mod:`pruning.batches`: a tensor, a dict of keyword inputs,
             or ``(inputs, targets)``, so a classification ``DataLoader`` works as it is), needed by taylor,
             wanda and sparsegpt. Must be re-iterable (list, DataLoader) for sequential SparseGPT. The model
-            runs in eval mode on it; modes are restored afterwards.
+            runs in eval mode on it; modes are restored afterwards. Padded positions (a dict batch's 2-D
+            ``attention_mask`` == 0) are left out of every statistic.
         loss_fn: ``loss_fn(model, batch) -> scalar`` (taylor only).
         filter_fn: ``filter_fn(name, module) -> bool`` selects the layers; others are reported as skipped.
+        blocks: the stack of repeated blocks to prune one block at a time (:mod:`pruning.sequential`):
+            ``"auto"`` finds it (the ``nn.ModuleList`` of same-class modules that holds the most selected layers;
+            a model whose forward does not run it as a chain of blocks is then pruned whole, and the report's
+            ``route`` says why), a qualified name (``"model.layers"``) or the list of blocks (an error if
+            it is not a chain), or ``None``: prune on the whole model at once.
+        prune_head: also prune the model's output head (``get_output_embeddings()``); by default it is left
+            dense and reported.
+        device: block-sequential only: where each block computes; it is moved there for its passes and back
+            (a model on the CPU pruned with one block at a time on a GPU). ``None``: where its weights are.
+        offload: block-sequential only: keep the captured activations on the CPU between passes.
+        undo: block-sequential only: where the weights to put back on failure are kept while the layers are
+            committed block by block: ``"disk"`` (a temporary folder: memory stays flat), ``"memory"``, or a
+            folder to make the temporary folder in.
         progress: show progress bars.
 
     Returns:
-        A :class:`PruningReport` with each pruned layer's achieved sparsity and every skipped layer's reason.
+        A :class:`PruningReport` with each pruned layer's achieved sparsity, every skipped layer's reason and the
+        route taken.
 
     Raises:
         TypeError: ``model`` is not a module, or arguments of the wrong type.
@@ -410,7 +260,7 @@ def prune_weights(
         raise TypeError(f"{fn}: expected an nn.Module, got {type(model).__name__}")
     pat = parse_pattern(pattern)
     crit = resolve_importance(importance, use="weights")
-    _validate_sparsity(fn, sparsity, pat)
+    validate_sparsity(fn, sparsity, pat)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"{fn}: expected filter_fn(name, module) -> bool, got {type(filter_fn).__name__}")
     if crit.needs_calibration:
@@ -421,15 +271,96 @@ def prune_weights(
     if crit.needs_loss and not callable(loss_fn):
         raise ValueError(f"{fn}: importance={crit.name!r} needs loss_fn(model, batch) -> scalar, got {loss_fn!r}")
     check_pattern_support(fn, pat, crit)
+    config = _sequential_config(fn, device, offload, undo, prune_head)
 
-    sel = select_layers(fn, model, pat, crit, filter_fn, sparsity)
-    # The masks are computed first (the model is only read, except by a reconstructing criterion, which writes
-    # the weights it reconstructs for a while), then every layer is committed: an error (or Ctrl-C) in either
+    sel = select_layers(fn, model, pat, crit, filter_fn, sparsity, conv1d=True, keep_head_dense=not prune_head)
+    stack = resolve_block_stack(fn, model, blocks, sel.selected) if sel.selected else None
+    route, why = _route(crit, pat, stack)
+    if route == "blocks":
+        report = _prune_by_blocks(fn, model, sel, pat, crit, sparsity, calib, loss_fn, stack, config,
+                                  explicit=not isinstance(blocks, str) or blocks != "auto", progress=progress)
+        if report is not None:
+            return report
+        route, why = "whole", f"{stack.label!r} is not run as a chain of blocks"
+    if config.device is not None or config.offload:
+        raise ValueError(f"{fn}: device= and offload= apply to block-sequential pruning; expected neither, since this "
+                         f"call prunes the whole model at once ({why})")
+    _refuse_offloaded(fn, sel, f"pruning the whole model at once ({why})")
+    return _prune_whole(model, sel, pat, crit, sparsity, calib, loss_fn, f"whole model ({why})", progress)
+
+
+def _sequential_config(fn: str, device, offload, undo, prune_head) -> SequentialConfig:
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (TypeError, RuntimeError) as e:
+            raise TypeError(f"{fn}: expected device= as a torch.device or a device string, got {device!r}") from e
+    for label, flag in (("offload", offload), ("prune_head", prune_head)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: expected {label}= as a bool, got {type(flag).__name__}")
+    if not (isinstance(undo, str) and undo in UNDO_PLACES) and not (
+            isinstance(undo, (str, os.PathLike)) and os.path.isdir(undo)):
+        raise ValueError(f"{fn}: expected undo= as 'disk', 'memory' or an existing folder, got {undo!r}")
+    return SequentialConfig(device=device, offload=offload, undo=undo)
+
+
+def _refuse_offloaded(fn: str, sel: LayerSelection, what: str) -> None:
+    """Scores and reconstructions over the whole model read ``module.weight`` itself: refuse offloaded layers."""
+    offloaded = [n for n, m in sel.selected.items() if m.weight.device.type == "meta"]
+    if offloaded:
+        raise ValueError(f"{fn}: expected weights with values for {what}, got offloaded (meta) weights in "
+                         f"{offloaded[:3]}; only a criterion with a per-layer rule (magnitude, wanda, sparsegpt) on a "
+                         "model with a stack of blocks reads them where they are")
+
+
+def _route(crit: ImportanceCriterion, pat: Pattern, stack) -> tuple[str, str]:
+    """``("blocks" | "whole", why)``: where this call prunes."""
+    if stack is None:
+        return "whole", "no stack of blocks"
+    if crit.layer_inputs is None and isinstance(crit, ReconstructingCriterion):
+        return "whole", f"importance {crit.name!r} has no per-layer rule"
+    return "blocks", ""
+
+
+def _prune_by_blocks(fn, model, sel, pat, crit, sparsity, calib, loss_fn, stack, config, *, explicit,
+                     progress) -> PruningReport | None:
+    """Block-sequential pruning (:mod:`pruning.sequential`); ``None`` when an auto-detected stack turns out not to
+    be a chain (nothing changed: the caller prunes the whole model instead)."""
+    masks = None
+    if crit.layer_inputs is None or pat.kind == "global":
+        # Scores that need the whole model (Taylor's loss gradient) or compare across layers: chosen once, then
+        # committed layer by layer.
+        _refuse_offloaded(fn, sel, f"scores of importance {crit.name!r} over the whole model")
+        masks = _masks(model, sel, pat, sparsity, calib, loss_fn, crit, progress)
+    elif crit.needs_calibration and any(stack.index_of(n) is None for n in sel.selected):
+        check_batches(fn, calib, reiterated_by="pruning the selected layers outside the stack of blocks (whole-model "
+                                               "passes after the block inputs are captured)")
+    budgets = {name: layer_sparsity(name, sparsity) for name in sel.selected}
+    try:
+        result = prune_sequentially(model, sel.selected, crit, pat, budgets, calib, stack, masks=masks,
+                                    config=config, progress=progress)
+    except NotAChain as e:
+        if explicit:
+            raise ValueError(f"{fn}: blocks={stack.label!r} cannot be pruned one block at a time: {e}") from e
+        return None
+    for name in result.unscored:
+        sel.skip(name, _unscored_reason(crit))
+    layers = []
+    for name, module in sel.selected.items():
+        numel, pruned = result.pruned[name]
+        layers.append(LayerPruning(name, type(module).__name__, tuple(module.weight.shape), str(pat), crit.name, numel,
+                                   pruned))
+    return PruningReport(str(pat), crit.name, tuple(layers), sel.sorted_skipped(), result.description)
+
+
+def _prune_whole(model, sel, pat, crit, sparsity, calib, loss_fn, route, progress) -> PruningReport:
+    """The whole model at once: masks computed while the model is only read, then committed."""
+    # (A reconstructing criterion writes the weights it reconstructs for a while.) An error (or Ctrl-C) in either
     # phase leaves the model exactly as it was (pruning.transaction).
     reconstructing = isinstance(crit, ReconstructingCriterion)
     with all_or_nothing(model, tensors=[m.weight for m in sel.selected.values()] if reconstructing else ()):
         if reconstructing:
-            budgets = {name: _layer_sparsity(name, sparsity) for name in sel.selected}
+            budgets = {name: layer_sparsity(name, sparsity) for name in sel.selected}
             results = crit.reconstruct(model, sel.selected, pat, budgets, calib, progress=progress)
             results = _checked_reconstruction(crit, sel, results)
         else:
@@ -444,7 +375,7 @@ def prune_weights(
                     module.weight.copy_(new_weight)
             attach_mask(module, keep, pattern=str(pat), importance=crit.name)
             layers.append(LayerPruning.of(name, module, keep, str(pat), crit.name))
-    return PruningReport(str(pat), crit.name, tuple(layers), sel.sorted_skipped())
+    return PruningReport(str(pat), crit.name, tuple(layers), sel.sorted_skipped(), route)
 
 
 def _checked_reconstruction(crit: ReconstructingCriterion, sel: LayerSelection, results) -> dict:
@@ -484,7 +415,8 @@ def _masks(model, sel, pat, sparsity, calib, loss_fn, crit: ScoreCriterion, prog
         masks = global_unstructured_masks(scores, sparsity) if scores else {}
     else:
         masks = {
-            name: scores_to_mask(scores[name], pat, _layer_sparsity(name, sparsity), crit.row_budget)
+            name: in_column_order(lambda s: scores_to_mask(s, pat, layer_sparsity(name, sparsity), crit.row_budget),
+                                  scores[name], input_column_order(sel.selected[name], pat))
             for name in progress_bar(list(scores), desc="masks", enabled=progress)
         }
-    return {name: matrix_to_weight(mask, sel.selected[name].weight.shape) for name, mask in masks.items()}
+    return {name: matrix_to_weight(mask, sel.selected[name]) for name, mask in masks.items()}

@@ -34,6 +34,7 @@ _EXPORTS = {
     "SparseLinear": "sparsekernels.nn.linear",
     "SparseConv2d": "sparsekernels.nn.conv",
     "BlockSparseLinear": "sparsekernels.nn.blocksparse",
+    "SparseConv1D": "sparsekernels.nn.conv1d",
     "SparseModule": "sparsekernels.nn.base",
     "register_sparse_module": "sparsekernels.nn.base",
     "sparsify": "sparsekernels.swap",

@@ -303,9 +303,13 @@ def _build_sparse(fail, i: int, rec: dict, model: nn.Module, backend: str | None
     old = _find_module(model, rec["name"])
     if old is None:
         fail(f"{where}.name", f"the checkpoint has a sparse layer {rec['name']!r} but the model has no such module")
-    if not isinstance(old, (cls.dense_type, cls)):
+    accepted = isinstance(old, cls) or cls.matches_dense(old) or (
+        cls.dense_type is not nn.Module and isinstance(old, cls.dense_type))
+    if not accepted:
+        label = cls.dense_label()
+        article = "an" if label.lower().startswith(("nn.", "a", "e", "i", "o", "u")) else "a"
         fail(f"{where}.name", f"the checkpoint has a {rec['class']} at {rec['name']!r}, expected the model to have "
-                              f"an nn.{cls.dense_type.__name__} there, got {type(old).__name__}")
+                              f"{article} {label} there, got {type(old).__name__}")
     args = rec["args"]
     params = inspect.signature(cls.__init__).parameters
     for key in args:

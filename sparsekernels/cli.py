@@ -4,7 +4,8 @@ Subcommands:
 
 * ``demo``  -- the main job: train a CNN on the bundled digits, prune (filters, 2:4, both), fine-tune, swap to
   the sparse runtime, time against dense, write the table and a plot;
-* ``prune`` -- prune a torchvision model, a ``module:factory`` model or a safetensors checkpoint; save it;
+* ``prune`` -- prune a torchvision model, a ``module:factory`` model, a safetensors checkpoint or a Hugging Face
+  language model directory (calibrated on text, perplexity before and after); save it;
 * ``bench`` -- the kernel sweep, the layer suite, the model suites, the one-call GPU suite, and the
   single-purpose benchmarks (CPU memory, channel latency, pruning quality, the CPU design study).
 
@@ -155,13 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = sub.add_parser(
         "prune",
-        help="prune a torchvision model, a module:factory model or a safetensors checkpoint; save it",
+        help="prune a torchvision model, a module:factory model, a safetensors checkpoint or a Hugging Face "
+        "language model directory; save it",
         description="MODEL is a torchvision model name (e.g. resnet18, random init), a factory "
-        "'package.module:function' that returns an nn.Module, or a .safetensors state dict together with "
-        "--factory (no pickled files are read). The result is saved as a safetensors state dict with the "
-        "pruning metadata; the report (parameters and MACs before/after, per layer) is printed.",
+        "'package.module:function' that returns an nn.Module, a .safetensors state dict together with "
+        "--factory (no pickled files are read), or a Hugging Face model directory (config.json, a tokenizer, "
+        "safetensors weights; without weights the model is built from config.json with random weights). A "
+        "state dict result is saved as safetensors with the pruning metadata; a Hugging Face model is saved "
+        "with save_pretrained (2:4: compressed) with its tokenizer, and its perplexity on --eval-text is "
+        "reported before and after. The report (parameters and MACs before/after, per layer) is printed.",
     )
-    prune.add_argument("model", metavar="MODEL", help="torchvision name, module:factory, or FILE.safetensors")
+    prune.add_argument("model", metavar="MODEL",
+                       help="torchvision name, module:factory, FILE.safetensors, or a Hugging Face model folder")
     prune.add_argument("--pattern", type=_pattern, required=True,
                        help="channels (filter pruning, physically smaller), 2:4 or any N:M, unstructured")
     prune.add_argument("--ratio", type=_ratio, default=None,
@@ -169,14 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
                        "N:M patterns fix it to 1 - N/M")
     prune.add_argument("--importance", default=None,
                        help="criterion: channels -> l1 (default), l2, bn_scale; weights -> magnitude (default), "
-                       "wanda, sparsegpt (calibrated on random inputs of --input-shape)")
-    prune.add_argument("--input-shape", default="1,3,224,224", help="example input shape (1,3,224,224)")
+                       "wanda, sparsegpt (calibrated on --calib-text, or on random inputs of --input-shape)")
+    prune.add_argument("--input-shape", default=None, help="example input shape (default 1,3,224,224)")
     prune.add_argument("--factory", default=None, help="module:function building the model of a .safetensors MODEL")
     prune.add_argument("--round-to", type=size("round_to"), default=None,
                        help="channels: keep counts multiples of this")
-    prune.add_argument("--calib-batches", type=size("calib_batches"), default=4, help="random calibration batches (4)")
+    prune.add_argument("--calib-batches", type=size("calib_batches"), default=None,
+                       help="random calibration batches (default 4)")
+    prune.add_argument("--calib-text", default=None,
+                       help="Hugging Face MODEL: UTF-8 text file whose token ids calibrate the pruning")
+    prune.add_argument("--calib-samples", type=size("calib_samples"), default=8,
+                       help="Hugging Face MODEL: calibration windows cut from --calib-text (8)")
+    prune.add_argument("--seq-len", type=size("seq_len"), default=128,
+                       help="Hugging Face MODEL: tokens per calibration and evaluation window (128)")
+    prune.add_argument("--eval-text", default=None,
+                       help="Hugging Face MODEL: held-out UTF-8 text; its perplexity is reported before and after")
+    prune.add_argument("--tokenizer", default=None, help="Hugging Face MODEL: the tokenizer's folder, if not MODEL")
     prune.add_argument("--seed", type=_nonneg_int, default=0, help="random seed (0)")
-    prune.add_argument("--out", required=True, help="output FILE.safetensors")
+    prune.add_argument("--out", required=True,
+                       help="output FILE.safetensors, or a new or empty folder for a Hugging Face MODEL")
     _add_progress(prune)
     prune.set_defaults(func=_run_prune)
 
@@ -189,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
         "ResNet-50, a BERT-base encoder and LLaMA-sized projections; all: the three; gpu: the one-call GPU "
         "suite (< 9 minutes on an H100, at most 8 files, flat in --out); memory: resident memory of a CPU 2:4 "
         "SparseLinear vs nn.Linear; channel-latency: filter-pruned ResNet-50 vs dense; pruning-quality: "
-        "accuracy and output fidelity per pruning criterion (CPU); cpu-auto: the CPU design study of "
-        "SparseConv2d and BlockSparseLinear.",
+        "accuracy and output fidelity per pruning criterion (CPU); nm-quality: one-shot 2:4 quality of every "
+        "criterion with and without channel permutation (CPU); llm-scaling: pruning time, peak memory and "
+        "fidelity of a Llama-style model against depth, beside llm-compressor (CPU); cpu-auto: the CPU design "
+        "study of SparseConv2d and BlockSparseLinear.",
     )
     bench.add_argument("which", nargs="?", default="all", choices=SELECTIONS, help="what to run (default: all)")
     _add_device(bench)

@@ -1,5 +1,6 @@
-"""Whole-model swap: replace, in place, every ``nn.Linear`` / ``nn.Conv2d`` whose weight is 2:4 (or
-block) sparse by the matching sparse module, and undo it.
+"""Whole-model swap: replace, in place, every ``nn.Linear`` / ``nn.Conv2d`` / transformers ``Conv1D`` whose
+weight is 2:4 (or block) sparse by the matching sparse module, and undo it. Which dense layers a sparse module
+replaces is its own ``matches_dense``: the registry is the one extension point.
 
 Per instance, never by patching classes: each eligible layer is converted with its sparse module's
 ``from_dense`` and assigned to its parent under the same name. Forward / backward hooks and pre-hooks
@@ -17,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
@@ -150,17 +150,6 @@ def _mha_skips(model: nn.Module) -> tuple[set[int], list[SkippedLayer]]:
     return out_proj_ids, skipped
 
 
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    """A ``transformers.pytorch_utils.Conv1D`` (GPT-2's projections), recognised without importing transformers."""
-    cls = type(module)
-    return (
-        cls.__name__ == "Conv1D"
-        and cls.__module__.startswith("transformers.")
-        and isinstance(getattr(module, "weight", None), torch.Tensor)
-        and module.weight.dim() == 2
-    )
-
-
 def _fast_path_guard(module: nn.Module, args) -> None:
     """A no-op forward pre-hook. nn.TransformerEncoderLayer's fused inference fast path reads
     ``linear1.weight`` / ``linear2.weight`` directly (a sparse layer has none); PyTorch skips that path
@@ -207,7 +196,8 @@ def sparsify(
     block_size: int | None = None,
     min_block_sparsity: float = 0.5,
 ) -> SwapReport:
-    """Replace, in place, every eligible ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by a sparse module.
+    """Replace, in place, every eligible ``nn.Linear`` / ``nn.Conv2d`` / transformers ``Conv1D`` of ``model`` by a
+    sparse module (every layer some registered class's ``matches_dense`` accepts).
 
     Args:
         model: any ``nn.Module`` (on any device; weights float16 / bfloat16 / float32).
@@ -215,13 +205,13 @@ def sparsify(
             left dense (and reported). Default: consider every layer.
         backend: the ``backend`` given to every new module (``"auto"``, ``"triton"``, ``"reference"``,
             ``"dense"``, ``"cusparselt"``).
-        pattern: ``"2:4"`` (2:4 weights -> ``SparseLinear`` / ``SparseConv2d``), ``"block"`` (Linears
+        pattern: ``"2:4"`` (2:4 weights -> ``SparseLinear`` / ``SparseConv2d`` / ``SparseConv1D``), ``"block"`` (Linears
             whose weight is block sparse -> ``BlockSparseLinear``) or ``"any"`` (2:4 first, then block).
         block_size: block size for ``"block"`` / ``"any"`` (16, 32 or 64); None detects it.
         min_block_sparsity: fraction of zero blocks a Linear needs to become block sparse.
 
     Returns:
-        A :class:`SwapReport` listing the swapped layers and every Linear / Conv2d left dense, with
+        A :class:`SwapReport` listing the swapped layers and every Linear / Conv2d / Conv1D left dense, with
         the reason (from the sparse module's ``check_convertible`` or from the model's structure).
 
     Raises:
@@ -239,9 +229,11 @@ def sparsify(
     if pattern not in patterns:
         raise ValueError(f"{fn}: expected pattern to be one of {patterns}, got {pattern!r}")
     options = {"block_size": block_size, "min_block_sparsity": min_block_sparsity}
-    classes = [c for c in sparse_module_types() if pattern in ("any", c.pattern)]
-    dense_types = tuple(dict.fromkeys(c.dense_type for c in sparse_module_types()))
-    wanted = ", ".join(dict.fromkeys(f"nn.{c.dense_type.__name__}" for c in classes))
+    registered = sparse_module_types()
+    classes = [c for c in registered if pattern in ("any", c.pattern)]
+    # exact types a class names (their subclasses are reported, never swapped)
+    dense_types = tuple(dict.fromkeys(c.dense_type for c in registered if c.dense_type is not nn.Module))
+    wanted = ", ".join(dict.fromkeys(c.dense_label() for c in classes))
 
     occ = module_occurrences(model)
     holders = _shared_parameters(model)
@@ -250,16 +242,10 @@ def sparsify(
     seen: set[int] = set()
 
     for name, module in [("", model)] + [(n, m) for n, m in model.named_modules() if n]:
-        if id(module) not in seen and _is_hf_conv1d(module):
-            seen.add(id(module))
-            skipped.append(SkippedLayer(
-                name or "(root)", type(module).__name__,
-                "excluded by filter_fn" if filter_fn is not None and name and not filter_fn(name, module) else
-                "transformers Conv1D (GPT-2 style, weight [in, out]) is not an nn.Linear: convert it to "
-                "nn.Linear with weight = conv1d.weight.t() first",
-            ))
+        if id(module) in seen or isinstance(module, SparseModule):
             continue
-        if not isinstance(module, dense_types) or id(module) in seen:
+        matched = [c for c in registered if c.matches_dense(module)]
+        if not matched and not isinstance(module, dense_types):
             continue
         seen.add(id(module))
         tname = type(module).__name__
@@ -283,7 +269,7 @@ def sparsify(
             skip("holds a torch.nn.utils.prune mask (weight_orig * weight_mask); make it permanent first with "
                  "torch.nn.utils.prune.remove(module, 'weight')")
             continue
-        if type(module) not in dense_types:
+        if not matched:
             base = next(t for t in dense_types if isinstance(module, t))
             skip(f"a subclass of nn.{base.__name__}: only exact {', '.join(f'nn.{t.__name__}' for t in dense_types)} "
                  "are swapped (a subclass may change forward or be read directly)")
@@ -296,7 +282,7 @@ def sparsify(
             skip(f"weight is shared with {', '.join(sorted(tied))} (tied weights); swapping would untie it")
             continue
 
-        matching = [c for c in classes if type(module) is c.dense_type]
+        matching = [c for c in classes if c in matched]
         if not matching:
             skip(f"pattern={pattern!r} applies to {wanted} only")
             continue
@@ -325,6 +311,7 @@ def sparsify(
             SwappedLayer(name, cls.pattern, type(module).__name__, type(new).__name__, tuple(module.weight.shape),
                          module.weight.numel() * module.weight.element_size(), new.stored_bytes())
         )
+    permuted = [name for name, module, _ in plans if getattr(replacements[id(module)], "permuted", False)]
     # Layers in training mode with trainable parameters: the user may expect to keep training them.
     trainable = [name for name, module, _ in plans
                  if module.training and any(p.requires_grad for p in module.parameters(recurse=False))]
@@ -340,12 +327,20 @@ def sparsify(
         return notes
 
     notes = _commit(model, commit)
+    if permuted:
+        notes.append(f"{len(permuted)} swapped layer(s) carry an input_perm ({_shown(permuted)}): their compressed "
+                     "weights are stored in the permuted input order and the kernels gather their inputs by it (on the "
+                     "CPU the dense weight keeps the original order: no gather); densify() gives the dense layers "
+                     "back with their input_perm")
     if trainable:
-        shown = ", ".join(trainable[:5]) + (f" and {len(trainable) - 5} more" if len(trainable) > 5 else "")
-        notes.append(f"{len(trainable)} swapped layer(s) had trainable parameters ({shown}): sparse layers are "
+        notes.append(f"{len(trainable)} swapped layer(s) had trainable parameters ({_shown(trainable)}): sparse layers are "
                      "for inference, their compressed weights and biases no longer receive gradients "
                      "(inputs still do); densify() gives trainable dense layers back")
     return SwapReport(tuple(swapped), tuple(skipped), "sparsify", tuple(notes))
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 def _declare_in_hugging_face_config(model: nn.Module) -> list[str]:

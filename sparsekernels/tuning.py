@@ -174,9 +174,12 @@ def _shape(module: nn.Module) -> str:
     if g("in_channels") is not None:
         k = g("kernel_size")
         k = "x".join(map(str, k)) if isinstance(k, tuple) else k
+        perm = " input_perm" if getattr(module, "permuted", False) else ""
         return (f"{g('in_channels')}->{g('out_channels')} k{k} s{_pair(g('stride'))} "
-                f"p{_pair(g('padding'))} d{_pair(g('dilation'))}")
+                f"p{_pair(g('padding'))} d{_pair(g('dilation'))}{perm}")
     text = f"{g('in_features')}->{g('out_features')}"
+    if getattr(module, "permuted", False):
+        text += " input_perm"
     if g("block_size") is not None:
         text += f" block {g('block_size')}"
         density = getattr(module, "density", None)
@@ -192,6 +195,16 @@ def _pair(v) -> str:
 
 
 def _note(module: nn.Module, device: torch.device, backend: str, tuned: bool) -> str:
+    note = _backend_note(module, device, backend, tuned)
+    if getattr(module, "permuted", False) and device.type != "meta":
+        folded = device.type == "cpu" and backend == "auto"
+        note += ("; input_perm folded into the resident dense weight (no gather)" if folded else
+                 "; input_perm: the Triton kernels gather the input in their activation load, the other backends in "
+                 "PyTorch, the cached dense copy holds the original order")
+    return note
+
+
+def _backend_note(module: nn.Module, device: torch.device, backend: str, tuned: bool) -> str:
     if backend != "auto":
         return f"fixed backend {backend!r} (no dispatch)"
     if tuned:

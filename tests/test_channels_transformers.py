@@ -1,5 +1,6 @@
 """Transformers: Hugging Face BERT (random init, no download) loses whole attention heads and MLP width and
-still equals the masked dense model; nn.MultiheadAttention's channels are kept with a reason."""
+still equals the masked dense model (hf_config="ignore": BertConfig cannot state fewer heads, so by default they are
+kept and the config is updated); nn.MultiheadAttention's channels are kept with a reason."""
 import copy
 
 import pytest
@@ -28,7 +29,7 @@ def test_bert_heads_and_mlp_pruned_equal_masked_float64():
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[0, 7:] = 0  # padding: the attention mask path must still work
     inputs = {"input_ids": ids, "attention_mask": mask}
-    pruned, report = prune_channels(model, inputs, ratio=0.5, return_report=True, progress=False)
+    pruned, report = prune_channels(model, inputs, ratio=0.5, return_report=True, progress=False, hf_config="ignore")
     sd, so = model.state_dict(), original.state_dict()
     assert all(torch.equal(sd[k], so[k]) for k in sd)
     for layer in pruned.encoder.layer:
@@ -59,9 +60,24 @@ def test_bert_heads_are_units():
 
 def test_bert_round_to_heads():
     pruned = prune_channels(tiny_bert(), {"input_ids": torch.randint(1, 97, (2, 6))}, ratio=0.6, round_to=32,
-                            progress=False)
+                            progress=False, hf_config="ignore")
     assert pruned.encoder.layer[0].attention.self.num_attention_heads == 2  # 2 heads x 16 = 32 channels
     assert pruned.encoder.layer[0].intermediate.dense.out_features == 64  # 51.2 rounded to 64
+
+
+def test_bert_by_default_keeps_heads_and_updates_its_config(tmp_path):
+    model = tiny_bert()
+    ids = {"input_ids": torch.randint(1, 97, (2, 9))}
+    pruned, report = prune_channels(model, ids, ratio=0.5, return_report=True, progress=False)
+    assert pruned.encoder.layer[0].attention.self.num_attention_heads == 4
+    assert pruned.encoder.layer[1].intermediate.dense.out_features == 64
+    assert any("heads kept: BertConfig derives the head size" in k for k in report.kept)
+    assert report.config_updates == {"intermediate_size": (128, 64)}
+    assert pruned.config.intermediate_size == 64 and model.config.intermediate_size == 128
+    pruned.save_pretrained(tmp_path)
+    loaded = transformers.BertModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**ids).last_hidden_state, pruned(**ids).last_hidden_state)
 
 
 class MHABlock(nn.Module):

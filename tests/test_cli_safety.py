@@ -14,7 +14,8 @@ from sparsekernels.benchmarks import report
 from sparsekernels.cli import main
 
 
-def _run(argv, capsys):
+def run_cli(argv, capsys):
+    """``main(argv)`` as the shell runs it: (exit code, stdout, the non-empty stderr lines)."""
     try:
         code = main(argv)
     except SystemExit as e:
@@ -86,7 +87,7 @@ def test_bad_values_are_one_line_exit_2_before_any_work(argv, needle, capsys, tm
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "d.safetensors").mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, _, lines = _run(argv, capsys)
+    code, _, lines = run_cli(argv, capsys)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"sparsekernels {argv[0]}: error: ") and needle in lines[0], lines
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
@@ -96,7 +97,7 @@ def test_bad_values_are_one_line_exit_2_before_any_work(argv, needle, capsys, tm
 @pytest.mark.parametrize("command", [["demo"], ["bench", "memory"], ["prune", "ok_models:mlp", "--pattern", "2:4"]])
 def test_an_unwritable_out_is_found_before_any_work(command, capsys, no_work, factories):
     out = "/sys/sparsekernels-test/m.safetensors" if command[0] == "prune" else "/sys/sparsekernels-test"
-    code, _, lines = _run([*command, "--out", out], capsys)
+    code, _, lines = run_cli([*command, "--out", out], capsys)
     assert code == 2 and len(lines) == 1 and "cannot create files in '/sys'" in lines[0], lines
 
 
@@ -106,7 +107,7 @@ def test_an_unwritable_out_is_found_before_any_work(command, capsys, no_work, fa
     ("exiting_models", "SystemExit: 3"),
 ])
 def test_a_factory_module_failing_at_import_is_one_line(module, needle, capsys, tmp_path, factories):
-    code, _, lines = _run(["prune", f"{module}:mlp", "--pattern", "2:4", "--out", str(tmp_path / "m.safetensors")],
+    code, _, lines = run_cli(["prune", f"{module}:mlp", "--pattern", "2:4", "--out", str(tmp_path / "m.safetensors")],
                           capsys)
     assert code == 2 and len(lines) == 1, lines
     assert f"cannot import module '{module}'" in lines[0] and needle in lines[0], lines
@@ -124,7 +125,7 @@ def test_ctrl_c_is_one_line_exit_130_and_leaves_earlier_results(capsys, tmp_path
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo, "_prune_filters", interrupted)
-    code, _, lines = _run(["demo", "--epochs", "1", "--width", "4", "--out", str(out), "--device", "cpu",
+    code, _, lines = run_cli(["demo", "--epochs", "1", "--width", "4", "--out", str(out), "--device", "cpu",
                            "--no-progress"], capsys)
     assert code == 130 and lines == ["sparsekernels demo: interrupted; no partial results were written"], lines
     assert sorted(p.name for p in out.iterdir()) == ["demo.json"]
@@ -138,7 +139,7 @@ def test_a_failed_write_is_one_line_exit_1_and_leaves_no_file(capsys, tmp_path, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(report.ResultSet, "publish", disk_full)
-    code, _, lines = _run(["prune", "ok_models:mlp", "--pattern", "2:4", "--input-shape", "3,12", "--out", str(out),
+    code, _, lines = run_cli(["prune", "ok_models:mlp", "--pattern", "2:4", "--input-shape", "3,12", "--out", str(out),
                            "--no-progress"], capsys)
     assert code == 1 and len(lines) == 1 and "No space left on device" in lines[0], lines
     assert list(tmp_path.glob("*.safetensors")) == [] and not list(tmp_path.glob(".*partial"))

@@ -1,4 +1,5 @@
-"""GPU code generation without a GPU: compile every Triton kernel for Hopper (sm_90) and Ampere (sm_80).
+"""GPU code generation without a GPU: compile every Triton kernel for Hopper (sm_90) and Ampere (sm_80), the 2:4
+kernels both without and with their input-permutation gather (``HAS_PERM``).
 
 The interpreter tests check indexing and arithmetic, not whether Triton can lower a kernel to PTX: an op the
 GPU backend rejects, a layout it cannot convert or a shared-memory overflow only shows up in a real compile.
@@ -54,25 +55,31 @@ def _cases(dtypes=tuple(DTYPES)):
     for dname in dtypes:
         ptr = DTYPES[dname]
         prec = "ieee" if dname == "fp32" else "tf32"
-        # 2:4 Linear: the first config of both regimes, with and without split-K.
-        for bm, bn, bk, w, s in L.few_token_configs()[:1] + L.many_token_configs()[:1]:
+        # 2:4 Linear: the first config of both regimes, with and without split-K; the input-permutation gather in
+        # the activation load on the few-token regime (without and with split-K) and on the many-token one.
+        for regime, (bm, bn, bk, w, s) in enumerate(L.few_token_configs()[:1] + L.many_token_configs()[:1]):
             for split in (1, 4):
-                ptrs = {"x_ptr": ptr, "v_ptr": ptr, "bias_ptr": ptr, "meta_ptr": "*u8",
-                        "y_ptr": "*fp32" if split > 1 else ptr}
-                consts = {"HAS_BIAS": split == 1, "SPLIT_K": split, "DOT_PRECISION": prec,
-                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                yield ("sparse24_linear", dname, lin, _signature(lin, ptrs, consts), consts, w, s)
+                for perm in (False, True) if regime == 0 or split == 1 else (False,):
+                    ptrs = {"x_ptr": ptr, "v_ptr": ptr, "bias_ptr": ptr, "meta_ptr": "*u8", "perm_ptr": "*i64",
+                            "y_ptr": "*fp32" if split > 1 else ptr}
+                    consts = {"HAS_BIAS": split == 1, "HAS_PERM": perm, "SPLIT_K": split, "DOT_PRECISION": prec,
+                              "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    name = "sparse24_linear_input_perm" if perm else "sparse24_linear"
+                    yield (name, dname, lin, _signature(lin, ptrs, consts), consts, w, s)
         red = L._sparse24_splitk_reduce_kernel
         ptrs = {"ws_ptr": "*fp32", "bias_ptr": ptr, "y_ptr": ptr}
         consts = {"SPLIT_K": 4, "HAS_BIAS": True, "BLOCK": L._REDUCE_BLOCK}
         yield ("sparse24_splitk_reduce", dname, red, _signature(red, ptrs, consts), consts, 4, 1)
-        # 2:4 Conv2d: implicit GEMM (3x3) and the 1x1 GEMM path.
+        # 2:4 Conv2d: implicit GEMM (3x3) and the 1x1 GEMM path, each without and with the input-channel gather.
         for bm, bn, bk, w, s in C.autotune_configs()[:1]:
             for kh, is_gemm in ((3, False), (1, True)):
-                ptrs = {"x_ptr": ptr, "vals_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "meta_ptr": "*u8"}
-                consts = {"KH": kh, "KW": kh, "IS_GEMM": is_gemm, "HAS_BIAS": True, "INPUT_PRECISION": prec,
-                          "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
-                yield ("sparse24_conv2d", dname, conv, _signature(conv, ptrs, consts), consts, w, s)
+                for perm in (False, True):
+                    ptrs = {"x_ptr": ptr, "vals_ptr": ptr, "bias_ptr": ptr, "out_ptr": ptr, "meta_ptr": "*u8",
+                            "perm_ptr": "*i64"}
+                    consts = {"KH": kh, "KW": kh, "IS_GEMM": is_gemm, "HAS_BIAS": True, "HAS_PERM": perm,
+                              "INPUT_PRECISION": prec, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}
+                    name = "sparse24_conv2d_input_perm" if perm else "sparse24_conv2d"
+                    yield (name, dname, conv, _signature(conv, ptrs, consts), consts, w, s)
         # Block-sparse Linear: block sizes 16 and 64.
         for bm, w, s in B.autotune_configs()[:1]:
             for bs in (16, 64):
@@ -111,7 +118,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere_and_uses_tensor_cores():
     assert proc.returncode == 0, f"compile failed:\n{proc.stderr[-4000:]}"
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"sparse24_linear", "sparse24_splitk_reduce", "sparse24_conv2d", "block_sparse_linear"}
+    assert kernels == {"sparse24_linear", "sparse24_linear_input_perm", "sparse24_splitk_reduce", "sparse24_conv2d",
+                       "sparse24_conv2d_input_perm", "block_sparse_linear"}
     assert {r["arch"] for r in results} == {80, 90}
     no_mma = [r for r in results
               if r["dtype"] in ("fp16", "bf16") and r["kernel"] != "sparse24_splitk_reduce" and not r["mma"]]

@@ -14,16 +14,7 @@ from torch import nn
 import pruning
 import pruning.plan_schema
 from pruning.plan import PruningPlan
-
-
-class Model(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 8, 3, padding=1)
-        self.body = nn.Sequential(nn.Linear(8 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 8))
-
-    def forward(self, x):
-        return self.body(torch.relu(self.conv(x)).flatten(1))
+from test_plan import Model
 
 
 @pytest.fixture

@@ -474,17 +474,51 @@ def test_config_and_api_errors(tmp_path, monkeypatch):
         skhf.register()
 
 
-def test_gpt2_conv1d_layers_are_reported_dense(tmp_path):
-    # Conv1D (weight [in, out]) has no sparse module yet: a dense 2:4 GPT-2 imports with every Conv1D left dense,
-    # each with the reason, and still round-trips.
-    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=32)
+def tiny_gpt2_24():
+    """A GPT-2 whose Conv1D projections (weight [in, out]) are 2:4 along their input dim."""
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "Conv1D":
+                w = m.weight.t()
+                g = w.reshape(w.shape[0], -1, 4)
+                keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(2, -1).indices, True)
+                m.weight.copy_((g * keep).reshape(w.shape).t())
+    return model
+
+
+def test_gpt2_dense_24_checkpoint_imports_every_conv1d_sparse(tmp_path):
+    model = tiny_gpt2_24()
     model.save_pretrained(tmp_path)
     loaded = skhf.load_pretrained(tmp_path)
-    reasons = loaded.hf_quantizer.swap_report.skipped_reasons
-    assert not sparse_layers(loaded) and "Conv1D" in reasons["transformer.h.0.attn.c_attn"]
+    convs = [n for n, m in loaded.named_modules() if isinstance(m, sk.nn.SparseConv1D)]
+    assert len(convs) == 8 and loaded.transformer.h[0].attn.c_attn.weight.shape == (32, 96)
+    assert loaded.hf_quantizer.swap_report.skipped_reasons.keys() == {"lm_head"}  # tied to the embedding
     assert torch.equal(logits(loaded, IDS), logits(model, IDS))
+
+
+def test_gpt2_save_pretrained_is_compressed_and_reloads_sparse_conv1d(tmp_path):
+    model = tiny_gpt2_24()
+    ref = logits(model, IDS)
+    sk.sparsify(model)
+    skhf.mark_sparse(model)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    groups = {g["class"]: g for g in config["quantization_config"]["sparse_modules"]}
+    assert set(groups) == {"SparseConv1D"}
+    sizes = tensor_bytes(tmp_path / "model.safetensors")
+    assert sizes["transformer.h.0.attn.c_attn.weight_values"] == 96 * 16 * 4  # [out, in/2] of the GEMM view
+    assert "transformer.h.0.attn.c_attn.weight" not in sizes
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.transformer.h[1].mlp.c_proj, sk.nn.SparseConv1D)
+    assert torch.equal(logits(loaded, IDS), ref)
+    skhf.save_dense(loaded, tmp_path / "dense")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert type(plain.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert torch.equal(logits(plain, IDS), ref)
 
 
 # ------------------------------------------------------------------------------------------------------------

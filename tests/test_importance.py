@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning import nm_mask
-from pruning.calibration import collect_input_statistics, layer_input_columns, taylor_scores
+from pruning.calibration import collect_input_statistics, layer_input_columns, real_token_rows, taylor_scores
 from pruning.importance import (
     BNScale,
     Magnitude,
@@ -53,7 +53,7 @@ def test_linear_columns_and_errors():
         layer_input_columns(nn.Conv2d(4, 4, 3, groups=2), torch.randn(1, 4, 5, 5))
     with pytest.raises(ValueError, match="expected input"):
         layer_input_columns(nn.Conv2d(4, 4, 3), torch.randn(1, 3, 5, 5))
-    with pytest.raises(TypeError, match="nn.Linear or nn.Conv2d"):
+    with pytest.raises(TypeError, match="nn.Linear, nn.Conv2d or Conv1D"):
         layer_input_columns(nn.ReLU(), torch.randn(3))
     # a single unbatched image is accepted
     assert layer_input_columns(nn.Conv2d(2, 3, 3), torch.randn(2, 5, 5)).shape == (9, 18)
@@ -253,3 +253,80 @@ def test_resolve_importance_and_configs():
         SparseGPT(damp=0.0)
     with pytest.raises(ValueError, match="dtype"):
         SparseGPT(dtype=torch.float16)
+
+
+class _TokenModel(nn.Module):
+    """Token layers (``[batch, seq, features]``), a mean over the real tokens, then a pooler on ``[batch, features]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.fc = nn.Linear(8, 12)
+        self.pool = nn.Linear(12, 4)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.relu(self.fc(self.emb(input_ids)))
+        weight = torch.ones_like(input_ids, dtype=h.dtype) if attention_mask is None else attention_mask.to(h.dtype)
+        return self.pool((h * weight.unsqueeze(-1)).sum(1) / weight.sum(1, keepdim=True))
+
+
+def test_padded_positions_are_left_out_of_every_statistic():
+    """One batch padded with pad tokens and an attention_mask gives the statistics of the same sequences unpadded:
+    same row count, norms and Hessian for the token layer; the pooler's rows are sequences, not tokens, so it sees
+    every row either way."""
+    torch.manual_seed(0)
+    model = _TokenModel().double()
+    seqs = [torch.randint(1, 32, (n,)) for n in (3, 7, 5)]
+    ids = torch.zeros(3, 7, dtype=torch.long)
+    mask = torch.zeros(3, 7, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    layers = {"fc": model.fc, "pool": model.pool}
+    padded = collect_input_statistics(model, layers, [{"input_ids": ids, "attention_mask": mask}], hessian=True,
+                                      progress=False)
+    alone = collect_input_statistics(model, layers, [{"input_ids": s[None]} for s in seqs], hessian=True,
+                                     progress=False)
+    assert padded["fc"].rows == alone["fc"].rows == 15
+    assert_close_rel(padded["fc"].sq_norms, alone["fc"].sq_norms, torch.float32)
+    assert_close_rel(padded["fc"].hessian, alone["fc"].hessian, torch.float32)
+    assert padded["pool"].rows == alone["pool"].rows == 3
+    assert_close_rel(padded["pool"].hessian, alone["pool"].hessian, torch.float32)
+    x = torch.randn(2, 3, 4)
+    tokens = torch.tensor([[True, False, True], [False, True, True]])
+    assert torch.equal(real_token_rows(x.reshape(-1, 4), x, tokens), x[tokens])
+    assert torch.equal(real_token_rows(x.reshape(-1, 4), x.reshape(6, 4), tokens), x[tokens])
+    assert real_token_rows(x.reshape(-1, 4), x, None).shape == (6, 4)
+    with pytest.raises(ValueError, match="attention_mask of 0"):
+        collect_input_statistics(model, layers, [{"input_ids": ids, "attention_mask": mask * 2}], progress=False)
+
+
+def test_conv1d_columns_and_per_layer_rules_match_the_whole_model_criteria():
+    """A transformers Conv1D reads its input like a Linear; every criterion's per-layer rule (what the
+    block-sequential pipeline runs) gives the mask its whole-model scores give."""
+    from transformers.pytorch_utils import Conv1D
+
+    from pruning.calibration import InputStatistics
+    from pruning.patterns import parse_pattern, scores_to_mask
+
+    conv = Conv1D(6, 8)
+    x = torch.randn(2, 5, 8)
+    assert torch.equal(layer_input_columns(conv, x), x.reshape(10, 8))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 8\]"):
+        layer_input_columns(conv, torch.randn(3, 7))
+    torch.manual_seed(3)
+    matrix = torch.randn(6, 8, dtype=torch.float64)
+    cols = torch.randn(40, 8, dtype=torch.float64)
+    stats = InputStatistics(40, cols.square().sum(0), cols.T @ cols)
+    pat = parse_pattern("2:4")
+    assert torch.equal(Magnitude().prune_layer(matrix, None, pat, None)[1], nm_mask(matrix.abs(), 2, 4))
+    new, keep = Wanda().prune_layer(matrix, stats, parse_pattern("unstructured"), 0.5)
+    assert new is None and torch.equal(keep, scores_to_mask(wanda_scores(matrix, stats.sq_norms),
+                                                            parse_pattern("unstructured"), 0.5, True))
+    new, keep = SparseGPT(dtype=torch.float64).prune_layer(matrix, stats, pat, None)
+    ref_new, ref_keep = sparsegpt_prune(matrix, stats.hessian, n=2, m=4)
+    assert torch.equal(keep, ref_keep) and torch.equal(new, ref_new)
+    assert (Magnitude.layer_inputs, Wanda.layer_inputs, SparseGPT.layer_inputs, Taylor.layer_inputs) == (
+        "none", "norms", "hessian", None)
+    assert SparseGPT().true_sequential and not SparseGPT(sequential=False).true_sequential
+    with pytest.raises(NotImplementedError, match="no per-layer rule"):
+        Taylor().prune_layer(matrix, stats, pat, None)

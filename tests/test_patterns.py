@@ -6,7 +6,16 @@ import torch
 from torch import nn
 
 from pruning import block_mask, global_unstructured_masks, nm_mask, unstructured_mask
-from pruning.patterns import Pattern, matrix_to_weight, parse_pattern, pruned_count, weight_matrix
+from pruning.patterns import (
+    Pattern,
+    gemm_shape,
+    is_conv1d,
+    matrix_to_weight,
+    parse_pattern,
+    pruned_count,
+    scores_to_mask,
+    weight_matrix,
+)
 
 SEEDS = range(25)
 
@@ -143,6 +152,38 @@ def test_weight_matrix_round_trip():
         weight_matrix(torch.randn(2, 3, 4))
     with pytest.raises(ValueError, match="2-D or 4-D"):
         matrix_to_weight(torch.randn(2, 3), (6,))
+
+
+def test_conv1d_gemm_view_is_the_transpose_and_round_trips():
+    """A Hugging Face ``Conv1D`` computes ``x @ W + b`` with ``W`` stored ``[in, out]``: its GEMM view is ``W.T``, so
+    N:M groups run along the input features, and the inverse puts a GEMM-view mask back in the ``[in, out]``
+    layout; recognised by class name and module prefix, with no transformers import needed."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = Conv1D(6, 8)  # nf=6 outputs, nx=8 inputs: weight [8, 6]
+    assert is_conv1d(layer) and not is_conv1d(nn.Linear(8, 6)) and gemm_shape(layer) == (6, 8)
+    assert gemm_shape(nn.Conv2d(3, 5, (2, 3))) == (5, 18)
+    x = torch.randn(3, 8)
+    matrix = weight_matrix(layer)
+    assert matrix.shape == (6, 8) and torch.allclose(x @ matrix.T + layer.bias, layer(x))
+    keep = scores_to_mask(matrix.abs(), parse_pattern("2:4"), None, False)
+    mask = matrix_to_weight(keep, layer)
+    assert mask.shape == (8, 6) and torch.equal(mask, keep.T)
+    assert torch.equal(matrix_to_weight(keep, (8, 6), transposed=True), mask)
+    assert torch.equal(weight_matrix(mask, transposed=True), keep)   # a tensor shaped like the weight
+    assert bool(((mask.T.reshape(6, 2, 4).sum(-1)) == 2).all())      # 2 of every 4 input features kept
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        weight_matrix(torch.randn(2, 3, 4, 5), transposed=True)
+    with pytest.raises(ValueError, match="2-D or 4-D"):
+        matrix_to_weight(torch.randn(2, 3), (1, 2, 3, 1), transposed=True)
+
+    class Conv1D(nn.Module):  # same name, not transformers': not taken for one
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, 2))
+
+    assert not is_conv1d(Conv1D())
 
 
 def test_pattern_error_paths():

@@ -331,32 +331,35 @@ def test_hugging_face_model_with_dict_batches():
         _assert_valid_24(model.get_submodule(layer.name))
 
 
-def test_gpt2_conv1d_layers_and_lm_head_tied_to_embedding_are_reported_not_silently_handled():
-    """GPT-2 keeps its projections in transformers ``Conv1D`` (weight ``[in, out]``) and ties ``lm_head`` to
-    the token embedding: the Conv1D layers are listed as unsupported and ``lm_head`` is left dense (pruning
-    it would zero embedding entries), so the model is unchanged and the report says why."""
+def test_output_head_left_dense_by_default_and_tied_head_never_pruned():
+    """A Hugging Face model's output head (``get_output_embeddings()``) is left dense unless ``prune_head=True``, and
+    the report says why; GPT-2's head is also tied to the token embedding, so even then it stays dense (pruning it
+    would zero embedding entries). Its ``Conv1D`` projections are pruned (tests/test_pruning_llm.py checks them)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=4, vocab_size=64, n_positions=16)).eval()
-    before = copy.deepcopy(model.state_dict())
     calib = [{"input_ids": torch.randint(0, 64, (2, 8))}]
-    report = prune_weights(model, "2:4", "wanda", calib=calib, progress=False)
-    assert report.layers == ()
-    reasons = {s.name: (s.kind, s.reason) for s in report.skipped}
     conv1d = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj", "transformer.h.0.mlp.c_fc",
               "transformer.h.0.mlp.c_proj"]
-    assert list(reasons) == conv1d + ["lm_head"]
-    for name in conv1d:
-        assert reasons[name][0] == "Conv1D" and "Conv1D" in reasons[name][1] and "not supported" in reasons[name][1]
-    assert "shares its weight with 'transformer.wte' (Embedding)" in reasons["lm_head"][1]
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before) and not list(pruning.masks.masked_modules(model))
-    # filter_fn also governs the unsupported-layer entries; a mapping may not name a Conv1D layer
+    report = prune_weights(copy.deepcopy(model), "2:4", "wanda", calib=calib, progress=False)
+    assert report.pruned_names == conv1d and all(layer.kind == "Conv1D" for layer in report.layers)
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert list(reasons) == ["lm_head"] and "output head (get_output_embeddings())" in reasons["lm_head"]
+    assert "prune_head=True" in reasons["lm_head"]
+    report = prune_weights(copy.deepcopy(model), "2:4", "wanda", calib=calib, prune_head=True, progress=False)
+    assert "shares its weight with 'transformer.wte' (Embedding)" in report.skipped[0].reason
+    # an untied head is pruned when asked for
+    model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    report = prune_weights(model, "2:4", "magnitude", prune_head=True, progress=False)
+    assert "lm_head" in report.pruned_names and not report.skipped
+    # a mapping may name a Conv1D layer; filter_fn governs the head entry like any other
+    report = prune_weights(model, "unstructured", sparsity={"transformer.h.0.mlp.c_fc": 0.5}, progress=False)
+    assert report.pruned_names == ["transformer.h.0.mlp.c_fc"]
     report = prune_weights(model, "2:4", filter_fn=lambda n, m: "mlp" in n, progress=False)
-    assert [s.name for s in report.skipped if s.kind == "Conv1D"] == conv1d[2:]
-    with pytest.raises(ValueError, match="not Linear/Conv2d"):
-        prune_weights(model, "unstructured", sparsity={"transformer.h.0.mlp.c_fc": 0.5}, progress=False)
+    assert [s.reason for s in report.skipped if s.name == "lm_head"] == ["excluded by filter_fn"]
+    with pytest.raises(ValueError, match="not Linear/Conv2d/Conv1D"):
+        prune_weights(model, "unstructured", sparsity={"transformer.wte": 0.5}, progress=False)
 
 
 def test_other_conv_kinds_reported_and_untied_head_pruned():

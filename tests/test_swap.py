@@ -275,9 +275,9 @@ class _FakeHFConv1D(nn.Module):
 
     def __init__(self, nf, nx):
         super().__init__()
-        self.nf = nf
+        self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.randn(nx, nf))
-        self.bias = nn.Parameter(torch.zeros(nf))
+        self.bias = nn.Parameter(torch.randn(nf))
 
     def forward(self, x):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
@@ -287,25 +287,40 @@ _FakeHFConv1D.__name__ = _FakeHFConv1D.__qualname__ = "Conv1D"
 _FakeHFConv1D.__module__ = "transformers.pytorch_utils"
 
 
-def test_hf_conv1d_is_reported_not_silently_ignored():
-    # GPT-2 is built from transformers' Conv1D, not nn.Linear: it used to vanish from the report
+def test_hf_conv1d_is_swapped_by_class_name_without_transformers():
+    # GPT-2 is built from transformers' Conv1D (weight [in, out]): SparseConv1D recognises it by class name and
+    # module, swaps it exactly, and reports what it cannot swap
     model = nn.Sequential()
     model.add_module("c_fc", _FakeHFConv1D(16, 8))
     model.add_module("c_proj", _FakeHFConv1D(8, 16))
     model.add_module("head", mask_model_24(nn.Linear(8, 4)))
+    with torch.no_grad():
+        for name in ("c_fc", "c_proj"):
+            conv = getattr(model, name)
+            conv.weight.copy_(mask_24(conv.weight.t().contiguous()).t())
     x = torch.randn(3, 8)
     with torch.no_grad():
         ref = model(x)
     report = sk.sparsify(model, filter_fn=lambda name, m: name != "c_proj")
     r = report.skipped_reasons
-    assert report.swapped_names == ["head"]
-    assert set(r) == {"c_fc", "c_proj"}
-    assert "Conv1D" in r["c_fc"] and "nn.Linear" in r["c_fc"] and "weight.t()" in r["c_fc"]
-    assert r["c_proj"] == "excluded by filter_fn"
-    assert "c_fc" in str(report) and "Conv1D" in str(report)
-    assert type(model.c_fc).__name__ == "Conv1D"   # left in place
+    assert report.swapped_names == ["c_fc", "head"]
+    assert type(model.c_fc).__name__ == "SparseConv1D" and model.c_fc.weight.shape == (8, 16)
+    assert r == {"c_proj": "excluded by filter_fn"}
+    assert "Conv1D -> SparseConv1D" in str(report)
     with torch.no_grad():
-        assert_close_rel(model(x), ref, torch.float32)
+        assert torch.equal(model(x), ref)  # the same addmm on the same dense weight
+    sk.densify(model)
+    assert type(model.c_fc).__name__ == "Conv1D"
+
+
+def test_hf_conv1d_that_is_not_24_is_left_with_the_reason():
+    model = nn.Sequential()
+    model.add_module("c_fc", _FakeHFConv1D(8, 12))
+    model.add_module("c_odd", _FakeHFConv1D(4, 6))
+    report = sk.sparsify(model)
+    assert report.swapped == ()
+    assert "not 2:4 sparse along its input dim" in report.skipped_reasons["c_fc"]
+    assert report.skipped_reasons["c_odd"] == "nx=6 (the input size) is not a multiple of 4"
 
 
 def test_root_layer_is_reported():

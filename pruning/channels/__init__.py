@@ -10,8 +10,10 @@
 
 Modules, each importing only those above it: ``tracer`` (slots, the handler registry), ``report`` (MACs and
 parameter counts), ``handlers`` and ``shape_handlers`` (the built-in op handlers), ``attention`` (attention
-modules), ``grouping`` (united slots -> channel groups), ``graph`` (:class:`DependencyGraph`), ``importance``
-(group importance), ``prune`` (selection and model surgery).
+modules), ``hf_modules`` (Hugging Face decoder attention, whole KV groups, and transformers' ``Conv1D``),
+``grouping`` (united slots -> channel groups), ``graph`` (:class:`DependencyGraph`), ``importance`` (group
+importance), ``hf_config`` (what a Hugging Face config can state, and its update), ``prune`` (selection and model
+surgery).
 """
 from __future__ import annotations
 

@@ -152,8 +152,10 @@ def _record_bert(trace: ChannelTrace, capture: ModuleCapture, output, out_t) -> 
         trace.freeze_channels_in((capture.args, capture.kwargs), f"{name}: attention that is not plain self-attention")
         return
     sh = trace.state(hidden)
+    in_labels = None
     if isinstance(sh, Channels):
         if sh.start == hidden.dim() - 1 and sh.labels.ndim == 1:
+            in_labels = sh.labels
             for m in (q, k, v):
                 trace.attach(trace.param_name(m.weight), 1, sh.labels, "in")
         else:
@@ -163,7 +165,7 @@ def _record_bert(trace: ChannelTrace, capture: ModuleCapture, output, out_t) -> 
         trace.attach(trace.param_name(m.weight), 0, labels, "out")
         if m.bias is not None:
             trace.attach(trace.param_name(m.bias), 0, labels, "out")
-    trace.attention[name] = {"head_size": hd, "labels": labels, "kind": "bert"}
+    trace.attention[name] = {"head_size": hd, "labels": labels, "kind": "bert", "input_labels": in_labels}
     trace.set_state(out_t, Channels(out_t.dim() - 1, labels))
 
 

@@ -6,7 +6,8 @@ models trace as they run. The op handlers (:mod:`pruning.channels.handlers`,
 :mod:`pruning.channels.shape_handlers`, and any registered with :func:`register_op_handler`) give every
 output channel of a layer a *slot*, follow the slots through the model, unite slots that must be removed
 together and attach the parameters that touch them. Attention modules are traced as one op whose units are
-whole heads (:mod:`pruning.channels.attention`). The united slots are then grouped
+whole heads (:mod:`pruning.channels.attention`; Hugging Face decoders and GPT-2 in
+:mod:`pruning.channels.hf_modules`, whole KV groups with grouped-query attention). The united slots are then grouped
 (:mod:`pruning.channels.grouping`).
 
 Anything the trace does not understand makes the slots it touches *frozen* (never pruned), with the reason
@@ -23,9 +24,10 @@ from torch import nn
 
 # The built-in op handlers register themselves when imported.
 from . import handlers, shape_handlers  # noqa: F401
-from ..batches import input_args, restoring_modes
+from ..batches import input_args, iter_tensors, restoring_modes
 from .attention import attention_kind, record_attention
 from .grouping import group_channels
+from .hf_modules import decoder_attention_layout, record_decoder_attention
 from .tracer import Attachment, ChannelTrace, ModuleCapture, TraceError, Tracer
 
 __all__ = ["DependencyGraph", "module_names"]
@@ -91,6 +93,7 @@ class DependencyGraph:
         self.ignore = frozenset(module_names(model, ignore, "DependencyGraph"))
         self.opaque = dict(opaque) if isinstance(opaque, dict) else {n: "kept on request" for n in opaque}
         trace = ChannelTrace(model, strict)
+        self._layouts: dict = {}
         self._run(trace, args, kwargs)
         grouping = group_channels(trace)
         self.attachments: dict[str, list[Attachment]] = trace.attachments
@@ -128,6 +131,9 @@ class DependencyGraph:
 
     def _pre_hook(self, trace: ChannelTrace, name: str, module: nn.Module, opaque_starts: dict):
         kind = attention_kind(module)
+        layout = decoder_attention_layout(module) if kind is None else None
+        if layout is not None:
+            kind = layout.kind
 
         def hook(mod, args, kwargs):
             trace.module_stack.append(name)
@@ -137,9 +143,14 @@ class DependencyGraph:
             if kind is not None and not trace.captures:
                 trace.captures.append(ModuleCapture(name, module, kind, args, kwargs))
             elif trace.captures:
+                capture = next((c for c in reversed(trace.captures) if c is not None), None)
+                if capture is not None:
+                    first = next(iter_tensors((args, kwargs)), None)
+                    capture.module_calls.append((mod, id(first) if first is not None else None))
                 trace.captures.append(None)
             return None
 
+        self._layouts[name] = layout
         return hook
 
     def _post_hook(self, trace: ChannelTrace, name: str, opaque_starts: dict):
@@ -148,7 +159,9 @@ class DependencyGraph:
                 trace.module_stack.pop()
             if trace.captures:
                 capture = trace.captures.pop()
-                if capture is not None:
+                if capture is not None and self._layouts.get(capture.name) is not None:
+                    record_decoder_attention(trace, capture, self._layouts[capture.name], output)
+                elif capture is not None:
                     record_attention(trace, capture, output)
             if name in self.opaque:
                 start = opaque_starts[name].pop()
@@ -159,6 +172,31 @@ class DependencyGraph:
             return None
 
         return hook
+
+    def keep_units(self, labels, reason: str) -> None:
+        """Keep (never prune) the units of the slots ``labels``, after the graph is built; ``reason`` is reported
+        unless they were kept already. A group all of whose units are kept becomes unprunable with that reason."""
+        roots = set(self.root_of(np.asarray(labels, dtype=np.int64).reshape(-1)).tolist()) - set(self.frozen_roots)
+        if not roots:
+            return
+        for root in roots:
+            self.frozen_roots.setdefault(root, reason)
+        for gi in sorted({self.root_group[r] for r in roots}):
+            g = self.groups[gi]
+            g.frozen_units |= roots & set(g.units)
+            if g.frozen_reason is None and len(g.frozen_units) == len(g.units):
+                g.frozen_reason = reason
+        if reason not in self.frozen:
+            self.frozen.append(reason)
+
+    def limit_keep_counts(self, labels, counts) -> None:
+        """Allow the group holding the slots ``labels`` to keep only ``counts`` units (e.g. head counts that divide
+        a model's width); the selection rounds up to the nearest allowed count."""
+        roots = self.root_of(np.asarray(labels, dtype=np.int64).reshape(-1))
+        for gi in sorted({self.root_group[int(r)] for r in roots}):
+            g = self.groups[gi]
+            allowed = set(counts) if g.keep_counts is None else set(counts) & set(g.keep_counts)
+            g.keep_counts = tuple(sorted(c for c in allowed if 1 <= c <= len(g.units))) or (len(g.units),)
 
     @property
     def num_slots(self) -> int:

@@ -31,6 +31,8 @@ class ChannelGroup:
         frozen_units: units that must be kept (with the group still prunable otherwise).
         partial_spaces: for a group joined by a concatenation, the units of each space that holds only some
             of the group's units (at least one of them is kept so no layer is left with zero channels).
+        keep_counts: the numbers of units the group may keep (ascending), or ``None`` for any number; e.g. the
+            head counts a Hugging Face config can state (:meth:`DependencyGraph.limit_keep_counts`).
     """
 
     index: int
@@ -41,6 +43,7 @@ class ChannelGroup:
     frozen_reason: str | None = None
     frozen_units: set = field(default_factory=set)
     partial_spaces: list = field(default_factory=list)
+    keep_counts: tuple | None = None
 
     @property
     def prunable(self) -> bool:

@@ -3,7 +3,8 @@
 Each handler follows one op's channels through the public :class:`~pruning.channels.tracer.ChannelTrace` API:
 
 * layers make new slots and attach their parameters: ``conv1d/2d/3d`` (a grouped conv ties each group's
-  input channels to its output channels, so a unit is a whole group), ``linear``, ``embedding``;
+  input channels to its output channels, so a unit is a whole group), ``linear``, ``embedding``, and ``addmm``
+  with a parameter as its second matrix (transformers' ``Conv1D``, weight ``[in, out]``);
 * normalisation attaches its scale, shift and running statistics: ``batch_norm``, ``instance_norm``,
   ``layer_norm`` (over the channel dim only), ``group_norm`` (a unit is a norm group);
 * elementwise ops pass channels through (:func:`unary`); binary ops unite the channels of both operands
@@ -98,6 +99,33 @@ def _linear(call: OpCall) -> None:
     sb = tr.state(b) if b is not None else None
     if isinstance(sb, ParamView):
         tr.attach(sb.name, 0, labels, "out")
+    tr.set_state(call.out, Channels(call.out.dim() - 1, labels))
+
+
+def _addmm(call: OpCall) -> None:
+    """``torch.addmm(bias, x, weight)`` with ``weight`` a ``[in, out]`` parameter: a Linear layer stored transposed
+    (transformers' ``Conv1D``; ``x`` is its input flattened to ``[rows, in]``)."""
+    tr = call.trace
+    b, x, w = call.args[0], call.arg(1, "mat1"), call.arg(2, "mat2")
+    sx, sw = tr.state(x), tr.state(w)
+    if not isinstance(sw, ParamView) or sw.dims != (0, 1):
+        call.freeze_inputs(f"{call.where}: addmm whose second matrix is not a parameter")
+        return
+    if isinstance(sx, Channels) and sx.start == 1 and sx.labels.ndim == 1:
+        tr.attach(sw.name, 0, sx.labels, "in")
+    else:
+        tr.fix_parameter_dim(sw.name, 0, f"{call.where}: addmm on an untraced input")
+        if isinstance(sx, Channels):
+            tr.freeze(sx.labels, f"{call.where}: addmm on a dim other than the traced channels")
+    labels = tr.new_slots(w.shape[1], f"{call.where}:addmm")
+    tr.attach(sw.name, 1, labels, "out")
+    sb = tr.state(b)
+    if isinstance(sb, ParamView) and b.dim() == 1:
+        tr.attach(sb.name, 0, labels, "out")
+    elif isinstance(sb, Channels) and sb.start == b.dim() - 1 and sb.labels.shape == labels.shape:
+        tr.unite(sb.labels, labels)  # a traced tensor added to the product: a residual
+    elif sb is not None:
+        tr.freeze(labels, f"{call.where}: addmm adds a tensor the tracer cannot align with its output")
     tr.set_state(call.out, Channels(call.out.dim() - 1, labels))
 
 
@@ -380,6 +408,7 @@ for _op in ("boolean_dispatch", "interpolate", "upsample"):
 for _op in ("conv1d", "conv2d", "conv3d"):
     register_op_handler(_op, _conv, creates_channels=True)
 register_op_handler("linear", _linear, creates_channels=True)
+register_op_handler("addmm", _addmm, creates_channels=True)
 register_op_handler("embedding", _embedding, creates_channels=True)
 register_op_handler(torch.embedding, _embedding_weight_first, creates_channels=True)
 register_op_handler(F.batch_norm, _batch_norm_functional)

@@ -15,6 +15,8 @@ from ..training import finetune
 from ..transaction import read_only
 from .attention import PrunedMultiheadAttention
 from .graph import DependencyGraph, module_names
+from .hf_config import HF_CONFIG_MODES, config_rule, limit_to_config, update_config
+from .hf_modules import is_hf_conv1d, set_head_counts
 from .importance import group_importance
 from .report import ChannelPruningReport, GroupReport, count_macs, count_params, layer_stats
 from .tracer import TraceError
@@ -51,6 +53,13 @@ def _n_keep(n_units: int, unit_channels: int, target_keep: float, round_to: int 
     return min(n_units, max(keep, n_frozen, 1))
 
 
+def _allowed_keep(group, keep: int) -> int:
+    """``keep`` rounded up to a unit count the group may keep (:attr:`ChannelGroup.keep_counts`)."""
+    if not group.keep_counts:
+        return keep
+    return min((c for c in group.keep_counts if c >= keep), default=len(group.units))
+
+
 def _keep_one_per_space(group, removed: set, scores: Mapping[int, float]) -> None:
     """Put back the best unit of every space of ``group`` that would lose all its units (possible only in a
     group joined by a concatenation, where a space holds some of the group's units)."""
@@ -74,7 +83,8 @@ def select_units(
     Local (default): every prunable group loses ``ratio`` of its units (or its ``per_layer`` ratio), the
     least important first. Global: units of all groups are ranked together by importance normalised by
     their group's mean, and the lowest ``ratio`` of all prunable units go, no group losing more than
-    ``max_group_ratio``. ``round_to`` rounds every group's kept channel count to a multiple.
+    ``max_group_ratio``. ``round_to`` rounds every group's kept channel count to a multiple; a group with
+    ``keep_counts`` keeps the nearest allowed count at or above that.
 
     Returns:
         the set of removed unit roots.
@@ -93,7 +103,7 @@ def select_units(
             cand.append((g, free, mean, cap))
             continue
         r = _group_ratio(graph, g, ratio, per_layer)
-        keep = _n_keep(n, g.unit_channels, n * (1.0 - r), round_to, len(g.frozen_units))
+        keep = _allowed_keep(g, _n_keep(n, g.unit_channels, n * (1.0 - r), round_to, len(g.frozen_units)))
         order = sorted(free, key=lambda u: (scores.get(u, 0.0), u))
         removed.update(order[: n - keep])
         _keep_one_per_space(g, removed, scores)
@@ -116,7 +126,7 @@ def select_units(
         for gi, us in chosen.items():
             g = cand[gi][0]
             n = len(g.units)
-            keep = _n_keep(n, g.unit_channels, n - len(us), round_to, len(g.frozen_units))
+            keep = _allowed_keep(g, _n_keep(n, g.unit_channels, n - len(us), round_to, len(g.frozen_units)))
             order = sorted((u for u in g.units if u not in g.frozen_units), key=lambda u: (scores.get(u, 0.0), u))
             removed.update(order[: n - keep])
             _keep_one_per_space(g, removed, scores)
@@ -148,10 +158,10 @@ def _get_owner(model: nn.Module, name: str):
 
 
 def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set) -> dict:
-    """Physically remove the units ``removed`` from ``model`` (in place; ``graph`` must be built on it) and
-    update the module attributes (``out_channels``, ``groups``, ``num_features``, ``normalized_shape``,
-    ``num_attention_heads``, ...). Returns ``{param name: {dim: kept index array}}`` for every parameter
-    that lost indices."""
+    """Physically remove the units ``removed`` from ``model`` (in place; ``graph`` must be built on it) and update the
+    module attributes (``out_channels``, ``groups``, ``num_features``, ``normalized_shape``,
+    ``num_attention_heads``, a Conv1D's ``nx`` / ``nf``, a decoder attention's head counts, ...). Returns
+    ``{param name: {dim: kept index array}}`` for every parameter that lost indices."""
     keep = _keep_indices(graph, removed)
     # every (module, attribute) holding each tensor, so tied parameters stay tied (and all get pruned)
     holders: dict[int, list] = {}
@@ -184,6 +194,8 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
             m.in_channels = m.weight.shape[1] * m.groups
         elif isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
+        elif is_hf_conv1d(m):
+            m.nx, m.nf = m.weight.shape
         elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
             ref = m.weight if m.weight is not None else m.running_mean
             if ref is not None:
@@ -203,7 +215,9 @@ def apply_channel_pruning(model: nn.Module, graph: DependencyGraph, removed: set
         if name in graph.attention:
             info = graph.attention[name]
             kept = int((~rem[graph.root_of(info["labels"])]).sum()) // info["head_size"]
-            if info["kind"] == "mha":
+            if "layout" in info:  # Hugging Face decoder attention: whole KV groups (heads)
+                set_head_counts(m, info["layout"], kept)
+            elif info["kind"] == "mha":
                 if kept != m.num_heads:
                     m.__class__ = PrunedMultiheadAttention  # this instance only
                     m.num_heads = kept
@@ -312,6 +326,7 @@ def prune_channels(
     max_group_ratio: float = 0.9,
     strict: bool = False,
     max_retries: int = 8,
+    hf_config: str = "update",
     progress: bool = True,
     return_report: bool = False,
 ):
@@ -350,6 +365,11 @@ def prune_channels(
         max_retries: when the pruned model fails its check forward pass inside some module (its code
             computes a shape from a size the trace could not relate to the channels, e.g. Swin's
             ``C // num_heads``), that module's channels are kept and pruning is redone, at most this many times.
+        hf_config: for a model whose ``config`` is a Hugging Face config: ``"update"`` prunes only what the config
+            can state (one width per field for all layers; heads only where the config has a head size of its own)
+            and writes the pruned widths into the returned model's ``config``, so ``save_pretrained`` /
+            ``from_pretrained`` round-trip it (:mod:`pruning.channels.hf_config`); ``"ignore"`` prunes without
+            regard to the config and leaves it as it was. Other models ignore it.
         progress: progress bars for Taylor calibration and fine-tuning.
         return_report: also return the :class:`ChannelPruningReport`.
 
@@ -359,8 +379,10 @@ def prune_channels(
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``; wrong argument types.
-        ValueError: bad ``ratio`` / ``importance`` / ``round_to`` / ``steps`` / ``per_layer`` / ``ignore``;
-            a criterion that needs ``calib`` without it; channel scores holding NaN or inf.
+        ValueError: bad ``ratio`` / ``importance`` / ``round_to`` / ``steps`` / ``per_layer`` / ``ignore`` /
+            ``hf_config``; a criterion that needs ``calib`` without it; channel scores holding NaN or inf; with
+            ``hf_config="update"``, a Hugging Face config whose width fields are not known, or pruned widths that
+            differ across layers (the config states one value).
         TraceError (a ValueError): the forward pass failed while tracing (the message names the module), an
             unsupported op with ``strict=True``, or the pruned model failed its check forward pass.
     """
@@ -374,6 +396,9 @@ def prune_channels(
         raise ValueError(f"{_FN}: expected round_to as a positive int or None, got {round_to!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"{_FN}: expected steps as an int >= 1, got {steps!r}")
+    if hf_config not in HF_CONFIG_MODES:
+        raise ValueError(f"{_FN}: expected hf_config to be one of {', '.join(HF_CONFIG_MODES)}, got {hf_config!r}")
+    rule = config_rule(model, _FN) if hf_config == "update" else None
     if isinstance(ignore, (str, nn.Module)):
         ignore = (ignore,)
     ignore = tuple(ignore)
@@ -418,6 +443,8 @@ def prune_channels(
             for attempt in range(max_retries + 1):
                 trial = copy.deepcopy(work)
                 graph = DependencyGraph(trial, example_inputs, ignore=ignore_names, strict=strict, opaque=opaque)
+                if rule is not None:
+                    limit_to_config(graph, trial, rule)
                 scores = group_importance(trial, graph, criterion, calib=calib, loss_fn=loss_fn, progress=progress)
                 removed = select_units(graph, scores, step_keep, per_layer=per_layer, global_pruning=global_pruning,
                                        round_to=round_to, max_group_ratio=max_group_ratio)
@@ -445,6 +472,7 @@ def prune_channels(
             if finetune_data is not None:
                 finetune(work, finetune_data, loss_fn, progress=progress, **dict(finetune_kwargs or {}))
 
+        config_updates = update_config(work, model, rule, _FN) if rule is not None and work is not model else {}
         macs_after, macs_a = count_macs(work, example_inputs)
         # group report from the first step's graph, counted against the final model's parameters
         groups = []
@@ -484,6 +512,7 @@ def prune_channels(
             importance=criterion.name,
             ratio=ratio,
             steps=steps,
+            config_updates=config_updates,
         )
         # every module of the result in its original's mode (a frozen BatchNorm in a training model stays frozen)
         modes = {name: m.training for name, m in model.named_modules()}

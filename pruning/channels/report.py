@@ -58,6 +58,8 @@ class ChannelPruningReport:
         param_keep: ``{parameter or buffer name: {dim: kept indices}}`` relative to the ORIGINAL model;
             :func:`pruning.channels.mask_channels` uses it to build the equivalent masked dense model.
         importance, ratio, steps: the settings used.
+        config_updates: ``{config field: (before, after)}`` written into a Hugging Face model's ``config``
+            (``prune_channels(hf_config="update")``, see :mod:`pruning.channels.hf_config`).
     """
 
     params_before: int
@@ -71,6 +73,7 @@ class ChannelPruningReport:
     importance: str = "l1"
     ratio: float = 0.0
     steps: int = 1
+    config_updates: dict = field(default_factory=dict)
 
     @property
     def mac_reduction(self) -> float:
@@ -99,6 +102,9 @@ class ChannelPruningReport:
         for name, s in top:
             lines.append(f"{name[:40]:<40} {s.params_before:>10,}>{s.params_after:<10,} "
                          f"{s.macs_before:>13,}>{s.macs_after:<13,}")
+        if self.config_updates:
+            lines.append("")
+            lines.append("model.config: " + ", ".join(f"{k} {b} -> {a}" for k, (b, a) in self.config_updates.items()))
         if self.kept:
             lines.append("")
             lines.append("kept channels:")

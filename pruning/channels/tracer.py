@@ -93,8 +93,8 @@ class Attachment:
 
 @dataclass
 class ModuleCapture:
-    """A module traced as one op (attention): its call, and the ``F.linear`` calls made inside it as
-    ``(id(input), weight)``."""
+    """A module traced as one op (attention): its call, the ``F.linear`` calls made inside it as
+    ``(id(input), weight)``, and the submodules called inside it as ``(module, id(first tensor input))``."""
 
     name: str
     module: nn.Module
@@ -102,6 +102,7 @@ class ModuleCapture:
     args: tuple
     kwargs: dict
     linear_calls: list = field(default_factory=list)
+    module_calls: list = field(default_factory=list)
 
 
 def op_name(func) -> str:

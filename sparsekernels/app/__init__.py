@@ -13,7 +13,9 @@ Modules:
     (this file)  the CLI helpers: UsageError, resolve_device, parse_dtype, parse_shape, load_factory,
                  check_output_folder, check_output_file, and the size limits every command checks first
     demo         the main job on the built-in digits dataset (``sparsekernels demo``)
-    prune        prune a torchvision / user model and save it (``sparsekernels prune``)
+    language_model  Hugging Face model directories, tokenizers, calibration text, save_pretrained (for prune)
+    prune        prune a torchvision / user model or a Hugging Face language model and save it
+                 (``sparsekernels prune``)
 """
 from __future__ import annotations
 
@@ -57,6 +59,8 @@ SIZE_LIMITS = {
     "rounds": 100,
     "calib_batches": 1024,
     "round_to": 4096,
+    "calib_samples": 4096,
+    "seq_len": 32768,
 }
 
 

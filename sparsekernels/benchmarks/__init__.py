@@ -12,6 +12,7 @@ Modules:
     cpu_memory       resident memory and latency of a CPU 2:4 SparseLinear against nn.Linear
     channel_latency  filter-pruned ResNet-50 at 2x fewer MACs against dense
     pruning_quality  accuracy and output fidelity of 2:4 pruning per importance criterion
+    nm_quality       one-shot 2:4 quality of every criterion with and without channel permutation
     cpu_auto         the CPU design study behind backend="auto" for SparseConv2d and BlockSparseLinear
     readme           regenerates the README's results section (``python -m sparsekernels.benchmarks.readme``)
     run              what ``sparsekernels bench <selection>`` runs
@@ -22,4 +23,5 @@ without loading a benchmark.
 """
 
 # The selections of ``sparsekernels bench`` (see :mod:`sparsekernels.benchmarks.run`).
-SELECTIONS = ("kernels", "layers", "models", "all", "gpu", "memory", "channel-latency", "pruning-quality", "cpu-auto")
+SELECTIONS = ("kernels", "layers", "models", "all", "gpu", "memory", "channel-latency", "pruning-quality", "nm-quality",
+              "llm-scaling", "cpu-auto")

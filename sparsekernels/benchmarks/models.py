@@ -21,7 +21,7 @@ import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -235,6 +235,7 @@ def _model_rows(
     dtype: torch.dtype,
     sizes: SuiteSizes,
     progress: bool,
+    channel_kwargs: Optional[dict] = None,
 ) -> list[dict]:
     """Build each variant once (``(label, kind, ratio)`` with kind ``dense|filters|2:4|filters+2:4``), then, for
     every example (one per batch size), time all variants interleaved. Returns one row per (batch, variant).
@@ -252,6 +253,7 @@ def _model_rows(
     first = examples[0]
     probe = _first_sample(first)
     torch.manual_seed(0)
+    channel_kwargs = channel_kwargs or {}
     base = build().eval()
     base_macs = count_macs(base, probe)
     filtered: dict[float, tuple[nn.Module, object]] = {}
@@ -263,7 +265,7 @@ def _model_rows(
             if kind in ("filters", "filters+2:4"):
                 if ratio not in filtered:  # prune_channels returns a new model and leaves base untouched
                     fm = pruning.prune_channels(base, probe, ratio=ratio, importance="l1", round_to=sizes.round_to,
-                                                progress=False).eval()
+                                                progress=False, **channel_kwargs).eval()
                     filtered[ratio] = (fm, count_macs(fm, probe))
                 m, macs = copy.deepcopy(filtered[ratio][0]), filtered[ratio][1]
             else:
@@ -362,8 +364,11 @@ def bert_suite(device: torch.device, dtype: torch.dtype, *, quick: bool = False,
     gen = torch.Generator().manual_seed(0)
     examples = [{"input_ids": torch.randint(0, config.vocab_size, (batch, sizes.bert.seq), generator=gen)}
                 for batch in sizes.bert.batches]
+    # hf_config="ignore": heads go although BertConfig cannot state fewer heads at the same width (the suite
+    # times the model; it never saves it)
     rows = _model_rows(f"bert-base {sizes.bert.layers}L seq{sizes.bert.seq}", build, examples, variants,
-                       device=device, dtype=dtype, sizes=sizes, progress=progress)
+                       device=device, dtype=dtype, sizes=sizes, progress=progress,
+                       channel_kwargs={"hf_config": "ignore"})
     return SuiteResult("bert", f"BERT-base-sized encoder ({sizes.bert.layers} layers, hidden 768, 12 heads, FFN 3072,"
                        f" seq {sizes.bert.seq}, random init)", rows, MODEL_COLUMNS,
                        notes="filters -30%: attention heads and FFN width pruned by pruning.prune_channels; "

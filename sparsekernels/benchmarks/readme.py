@@ -37,6 +37,7 @@ HEADLINE = (
     "models_llama_quick",
     "channel_latency",
     "pruning_quality",
+    "llm_scaling",
     "kernels_linear24",
     "linear24",
     "cpu_memory",

@@ -13,6 +13,10 @@
 * ``channel-latency`` -- :mod:`~sparsekernels.benchmarks.channel_latency`: filter-pruned ResNet-50 against dense;
 * ``pruning-quality`` -- :mod:`~sparsekernels.benchmarks.pruning_quality`: accuracy and output fidelity of 2:4
   pruning per criterion;
+* ``nm-quality``      -- :mod:`~sparsekernels.benchmarks.nm_quality`: one-shot 2:4 quality of every criterion with
+  and without channel permutation (sentence encoder, digits CNN, a Llama-style model) and the permutation search time
+* ``llm-scaling``     -- :mod:`~sparsekernels.benchmarks.llm_scaling`: one-shot 2:4 pruning time, peak memory and
+  logits fidelity of a Llama-style model against depth, ours beside llm-compressor's (when installed);
 * ``cpu-auto``        -- :mod:`~sparsekernels.benchmarks.cpu_auto`: the CPU design study of SparseConv2d and
   BlockSparseLinear.
 
@@ -34,9 +38,9 @@ from . import SELECTIONS
 __all__ = ["CPU_ONLY", "FLOAT32_ONLY", "check_selection", "run_bench", "run_kernels"]
 
 # Selections that measure the CPU whatever the machine has (no device given means the CPU for them).
-CPU_ONLY = ("memory", "pruning-quality", "cpu-auto")
+CPU_ONLY = ("memory", "pruning-quality", "nm-quality", "llm-scaling", "cpu-auto")
 # Selections measured in float32 by design.
-FLOAT32_ONLY = ("pruning-quality", "cpu-auto")
+FLOAT32_ONLY = ("pruning-quality", "nm-quality", "llm-scaling", "cpu-auto")
 
 
 def run_kernels(device: torch.device, dtypes, *, quick: bool, out_dir: Path, progress: bool,
@@ -172,6 +176,18 @@ def run_bench(
 
         with publishing():
             paths += run_pruning_quality(quick=quick, out_dir=out, progress=progress)[1:]
+    if which == "nm-quality":
+        from .nm_quality import run_nm_quality
+
+        with publishing():
+            files = run_nm_quality(quick=quick, out_dir=out, progress=progress)[2]
+        paths += [files.json, files.markdown]
+    if which == "llm-scaling":
+        from .llm_scaling import run_llm_scaling
+
+        with publishing():
+            files = run_llm_scaling(quick=quick, out_dir=out, progress=progress)[1]
+        paths += [files.json, files.markdown]
     if which == "cpu-auto":
         from .cpu_auto import run_cpu_auto
 

@@ -20,6 +20,13 @@ For fp16/bf16 that is ``2 * in/2 + in/8 = 1.125 * in`` bytes per row against ``2
 
 For ``nn.Conv2d`` weights, callers view the weight as ``[out, kh * kw * in]`` in channels-last order
 (``weight.permute(0, 2, 3, 1)``) so that groups run along input channels at each kernel position.
+
+A weight may carry an input permutation (``input_perm``, :mod:`sparsekernels.formats.permutation`): an ``int64``
+vector of length ``L`` dividing ``in`` (``in`` itself for a Linear, ``in_channels`` for a conv's channels-last view,
+the same permutation at every kernel position). ``values`` / ``meta`` then describe the *stored* matrix, the dense
+weight with its columns permuted inside every block of ``L``: stored column ``j * L + i`` is dense column
+``j * L + input_perm[i]``, and it is in that order that every group of 4 keeps at most 2 values. The op gathers its
+input the same way, so ``y = x @ W.T`` with ``W = w24.to_dense()`` in the original order.
 """
 from __future__ import annotations
 
@@ -29,11 +36,12 @@ from typing import Optional
 import torch
 
 from .common import SUPPORTED_DTYPES, CompressedWeight
+from .permutation import PERM_DTYPE, check_permutation, first_permutation_error
 
 __all__ = [
     "Sparse24Weight", "compress_24", "is_24_sparse", "first_non24_group", "SUPPORTED_DTYPES", "pack_indices",
     "unpack_indices", "conv_weight_to_2d", "conv_weight_from_2d", "require_24_sparse", "first_bad_metadata",
-    "check_metadata", "zero_weight_metadata",
+    "check_metadata", "zero_weight_metadata", "permute_columns", "unpermute_columns",
 ]
 
 
@@ -172,6 +180,31 @@ def check_metadata(fn: str, meta: torch.Tensor, groups: int) -> None:
     )
 
 
+def permute_columns(weight2d: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The stored order of a dense ``[out, k]`` weight: column ``j * L + i`` of the result is column
+    ``j * L + perm[i]`` of ``weight2d`` (``L = len(perm)`` divides ``k``; ``perm`` a permutation)."""
+    out, k = weight2d.shape
+    size = perm.shape[0]
+    return weight2d.reshape(out, k // size, size).index_select(2, perm).reshape(out, k)
+
+
+def unpermute_columns(stored: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`permute_columns`: the dense weight in its original column order (a new tensor).
+
+    Any ``perm`` contents are accepted and give the weight every kernel computes with: a column stored at an
+    out-of-range index is dropped (the kernels read a zero input for it), columns stored at one index add.
+    """
+    out, k = stored.shape
+    size = perm.shape[0]
+    blocks = stored.reshape(out, k // size, size)
+    if perm.device.type == "meta" or first_permutation_error(perm) is None:
+        return torch.empty_like(blocks).index_copy_(2, perm, blocks).reshape(out, k)
+    inside = (perm >= 0) & (perm < size)
+    dense = torch.zeros(out, k // size, size + 1, dtype=stored.dtype, device=stored.device)
+    dense.index_add_(2, torch.where(inside, perm, size), blocks)  # the extra column collects out-of-range ones
+    return dense[..., :size].reshape(out, k)
+
+
 @dataclass(frozen=True)
 class Sparse24Weight(CompressedWeight):
     """A 2:4-compressed weight. Build it with :func:`compress_24`.
@@ -180,11 +213,15 @@ class Sparse24Weight(CompressedWeight):
         values: ``[out, in // 2]``, the kept values, same dtype and device as the dense weight.
         meta: ``uint8`` ``[out, ceil(in / 8)]``, packed 2-bit positions (see the module docstring).
         shape: the dense shape ``(out, in)``.
+        input_perm: None, or ``int64`` ``[L]`` (``L`` dividing ``in``) on the values' device: the input permutation
+            the stored order follows (see the module docstring). ``values`` and ``meta`` then hold the weight in
+            that order; :meth:`to_dense` gives it back in the original one, and the ops gather their input by it.
     """
 
     values: torch.Tensor
     meta: torch.Tensor
     shape: tuple[int, int]
+    input_perm: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         shape = self.shape
@@ -211,37 +248,55 @@ class Sparse24Weight(CompressedWeight):
             )
         if self.values.device != self.meta.device:
             raise ValueError(f"Sparse24Weight: values on {self.values.device} but meta on {self.meta.device}")
+        perm = self.input_perm
+        if perm is not None:
+            if not isinstance(perm, torch.Tensor) or perm.dtype != PERM_DTYPE or perm.dim() != 1:
+                got = f"{perm.dtype} {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
+                raise TypeError(f"Sparse24Weight: expected input_perm to be None or a 1-D {PERM_DTYPE} tensor, got {got}")
+            if perm.shape[0] < 1 or k % perm.shape[0]:
+                raise ValueError(f"Sparse24Weight: expected input_perm of a length dividing in={k}, got {perm.shape[0]}")
+            if perm.device != self.values.device:
+                raise ValueError(f"Sparse24Weight: values on {self.values.device} but input_perm on {perm.device}")
 
     def validate(self) -> "Sparse24Weight":
-        """Check the metadata (see :func:`first_bad_metadata`): one pass over it, for loaders. Returns ``self``.
+        """Check the metadata (see :func:`first_bad_metadata`; one pass over it) and that ``input_perm``, if any, is
+        a permutation: the loaders' check. Returns ``self``.
 
         Raises:
             ValueError: a group whose positions are not two distinct increasing ones, or a non-zero padding
-                nibble; the message names the row and group.
+                nibble (the message names the row and group; columns in the stored order); an ``input_perm`` that
+                is not a permutation (the message names the first bad position or value).
         """
         if self.meta.device.type != "meta":
             check_metadata("Sparse24Weight.validate()", self.meta, self.shape[1] // 4)
+        if self.input_perm is not None:
+            check_permutation("Sparse24Weight.validate()", self.input_perm, self.input_perm.shape[0])
         return self
 
     @property
     def nbytes(self) -> int:
-        """Bytes of everything stored: the kept values plus the packed metadata."""
-        return self.values.nbytes + self.meta.nbytes
+        """Bytes of everything stored: the kept values plus the packed metadata (and the input permutation)."""
+        extra = self.input_perm.nbytes if self.input_perm is not None else 0
+        return self.values.nbytes + self.meta.nbytes + extra
 
     @property
     def dense_nbytes(self) -> int:
         return self.shape[0] * self.shape[1] * self.values.element_size()
 
     def indices(self) -> torch.Tensor:
-        """Column index in the dense weight of every stored value: ``int64`` ``[out, in // 2]``."""
+        """Column index in the dense weight (original order) of every stored value: ``int64`` ``[out, in // 2]``."""
         out, k = self.shape
         pos = unpack_indices(self.meta, k // 4)  # [out, G, 2]
         base = torch.arange(0, k, 4, device=self.meta.device).view(1, -1, 1)
-        return (base + pos).reshape(out, k // 2)
+        cols = (base + pos).reshape(out, k // 2)
+        if self.input_perm is not None:
+            size = self.input_perm.shape[0]
+            cols = cols - cols % size + self.input_perm[cols % size]
+        return cols
 
-    def to_dense(self) -> torch.Tensor:
-        """The dense ``[out, in]`` weight (exact round trip of :func:`compress_24`; values stored at one position
-        add, as in every kernel)."""
+    def stored_dense(self) -> torch.Tensor:
+        """The dense ``[out, in]`` matrix in the stored order (``to_dense()`` with its columns permuted by
+        ``input_perm``; the same as :meth:`to_dense` without one). Values stored at one position add."""
         out, k = self.shape
         groups = k // 4
         # Scatter inside each group of 4 (positions 0..3) rather than with full column indices: no int64
@@ -251,33 +306,48 @@ class Sparse24Weight(CompressedWeight):
         dense.scatter_add_(2, pos, self.values.reshape(out, groups, 2))
         return dense.reshape(out, k)
 
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight in the original input order, the one the ops multiply by (exact round trip
+        of :func:`compress_24`; values stored at one position add, as in every kernel)."""
+        stored = self.stored_dense()
+        return stored if self.input_perm is None else unpermute_columns(stored, self.input_perm)
+
     def to(self, *args, **kwargs) -> "Sparse24Weight":
-        """Move to another device or cast the values (the metadata stays ``uint8``)."""
+        """Move to another device or cast the values (the metadata stays ``uint8``, the permutation ``int64``)."""
         values = self.values.to(*args, **kwargs)
         meta = self.meta.to(device=values.device)
-        return Sparse24Weight(values, meta, self.shape)
+        perm = None if self.input_perm is None else self.input_perm.to(device=values.device)
+        return Sparse24Weight(values, meta, self.shape, perm)
 
     def __repr__(self) -> str:
+        perm = "" if self.input_perm is None else f", input_perm=[{self.input_perm.shape[0]}]"
         return (
-            f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+            f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}{perm}, "
             f"nbytes={self.nbytes} ({self.nbytes / max(self.dense_nbytes, 1):.4f} of dense))"
         )
 
 
-def compress_24(weight: torch.Tensor) -> Sparse24Weight:
+def compress_24(weight: torch.Tensor, *, input_perm: Optional[torch.Tensor] = None) -> Sparse24Weight:
     """Compress a 2:4-sparse dense weight.
 
     Args:
         weight: ``[out, in]`` float16 / bfloat16 / float32 tensor, ``in`` a multiple of 4, with at most
-            2 non-zeros in every group of 4 consecutive elements of a row. Any device.
+            2 non-zeros in every group of 4 consecutive elements of a row (of the permuted order, with
+            ``input_perm``). Any device.
+        input_perm: optional ``int64`` ``[L]``, ``L`` dividing ``in``, a permutation of ``0..L-1`` (moved to the
+            weight's device): the weight is stored in the order ``permute_columns(weight, input_perm)`` (for a
+            Linear, ``L = in`` and that is ``weight[:, input_perm]``), which must be 2:4.
 
     Returns:
-        A :class:`Sparse24Weight` on the same device; ``compress_24(w).to_dense()`` equals ``w`` exactly.
+        A :class:`Sparse24Weight` on the same device; ``compress_24(w, input_perm=p).to_dense()`` equals ``w``
+        exactly.
 
     Raises:
-        TypeError: not a tensor, or not float16 / bfloat16 / float32.
-        ValueError: not 2-D, ``in`` not a multiple of 4, on the meta device (no values to read), or some
-            group has more than 2 non-zeros (the message names the first such row and group).
+        TypeError: not a tensor, or not float16 / bfloat16 / float32; an ``input_perm`` that is not an ``int64``
+            tensor.
+        ValueError: not 2-D, ``in`` not a multiple of 4, on the meta device (no values to read), some group has
+            more than 2 non-zeros (the message names the first such row and group, in the stored order), or an
+            ``input_perm`` that is not 1-D, whose length does not divide ``in``, or that is not a permutation.
     """
     fn = "compress_24()"
     _check_weight(fn, weight)
@@ -288,6 +358,17 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
         )
     weight = weight.detach()
     out, k = weight.shape
+    if input_perm is not None:
+        if not isinstance(input_perm, torch.Tensor):
+            raise TypeError(f"{fn}: expected input_perm to be None or an int64 tensor, got {type(input_perm).__name__}")
+        size = input_perm.shape[0] if input_perm.dim() == 1 else -1
+        if size < 1 or k % size:
+            raise ValueError(f"{fn}: expected input_perm of shape (L,) with L dividing in={k}, got "
+                             f"{tuple(input_perm.shape)}")
+        check_permutation(fn, input_perm, size)
+        input_perm = input_perm.detach().to(weight.device)
+        weight = permute_columns(weight, input_perm)
+        fn = "compress_24() (columns in the input_perm order)"
     require_24_sparse(fn, weight)
     nz = _group_nonzeros(weight)  # [out, G, 4]
     # Choose two positions per group: every non-zero first, then the lowest free positions.
@@ -296,7 +377,7 @@ def compress_24(weight: torch.Tensor) -> Sparse24Weight:
     idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # [out, G, 2], ascending
     values = weight.reshape(out, k // 4, 4).gather(-1, idx).reshape(out, k // 2).contiguous()
     meta = pack_indices(idx)
-    return Sparse24Weight(values, meta, (out, k))
+    return Sparse24Weight(values, meta, (out, k), input_perm)
 
 
 def conv_weight_to_2d(weight: torch.Tensor) -> torch.Tensor:

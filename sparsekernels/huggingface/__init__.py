@@ -14,12 +14,14 @@ compressed-tensors plug in), so that, in this process::
 
     skhf.save_dense(model, "dense")                # an ordinary dense checkpoint, for any tool
     model = skhf.load_pretrained("llmcompressor_out")      # dense 2:4 or compressed-tensors bitmask -> sparse
+    skhf.perplexity(model, tokenizer, text, seq_len=512)   # the number sparsekernels prune reports
 
 ``sparsekernels`` itself never imports transformers; this package does (importing it is the registration).
 
     bitmask     compressed-tensors' sparse-24-bitmask layers -> the 2:4 format (pure PyTorch)
     quantizer   SparseKernelsConfig, SparseKernelsHfQuantizer, register()
     pretrained  mark_sparse, load_pretrained, save_dense, dense_state_dict, resize_token_embeddings
+    evaluation  perplexity of a causal language model on text (sliding windows, padding masked out)
 
 Needs transformers 5 (its weight-conversion loader, ``transformers.core_model_loading``); tested with 5.24. See
 ``docs/huggingface.md``.
@@ -31,6 +33,7 @@ if int(transformers.__version__.split(".")[0]) < 5:
                       f"quantizer hooks), found {transformers.__version__}")
 
 from .bitmask import sparse24_from_bitmask  # noqa: E402
+from .evaluation import perplexity  # noqa: E402
 from .pretrained import (  # noqa: E402
     dense_state_dict,
     load_pretrained,
@@ -62,4 +65,5 @@ __all__ = [
     "resize_token_embeddings",
     "sparse_module_records",
     "sparse24_from_bitmask",
+    "perplexity",
 ]

@@ -153,7 +153,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     On the CPU with ``backend="auto"`` a 2:4 layer's resident dense weight is handed out as it is (no copy); a
     compressed one is expanded layer by layer into host memory (the dense file needs those bytes anyway; a GPU holds
-    one dense layer at a time).
+    one dense layer at a time). A layer carrying an ``input_perm`` gives its weight in the original input order and
+    no ``input_perm``: a plain dense checkpoint, which plain transformers reads without unexpected keys.
     """
     state = model.state_dict()
     for name, module in model.named_modules(remove_duplicate=False):
@@ -168,7 +169,8 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             if module.bias is not None:
                 state[prefix + "bias"] = module.bias.detach()
         else:
-            state.update({prefix + k: v.cpu() for k, v in module.to_dense().state_dict().items()})
+            state.update({prefix + k: v.cpu() for k, v in module.to_dense().state_dict().items()
+                          if k in ("weight", "bias")})
     return state
 
 

@@ -6,11 +6,13 @@ compressed-tensors plug in the same way). Ours, ``"sparsekernels"``:
 
 * before the weights are read (the model is still on the meta device), replaces every sparse layer of the checkpoint
   by its sparse module built on the meta device: the layers ``config.json`` lists (``sparse_modules``), plus any
-  layer whose tensors in the checkpoint are 2:4-compressed (``<layer>.weight_values`` + ``<layer>.weight_meta``, or
-  compressed-tensors' ``sparse-24-bitmask`` triple). transformers then reads the compressed tensors straight into
-  those modules: no dense weight of a sparse layer is ever built;
-* after loading, freezes them, checks the 2:4 metadata and lets each layer take its resident form (dense on the CPU
-  with ``backend="auto"``, compressed elsewhere, see :mod:`sparsekernels.nn.sparse24_module`); with
+  layer whose tensors in the checkpoint are 2:4-compressed (``<layer>.weight_values`` + ``<layer>.weight_meta``, and
+  ``<layer>.input_perm`` for a layer stored in a permuted input order, or compressed-tensors' ``sparse-24-bitmask``
+  triple). transformers then reads the compressed tensors straight into those modules: no dense weight of a sparse
+  layer is ever built;
+* after loading, freezes them, checks the 2:4 metadata and the input permutations and lets each layer take its
+  resident form (dense on the CPU with ``backend="auto"``, compressed elsewhere, see
+  :mod:`sparsekernels.nn.sparse24_module`); with
   ``sparsify_dense`` it also swaps in every dense layer whose weight is 2:4 (dense checkpoints such as
   llm-compressor's);
 * at ``save_pretrained``, records the model's present sparse layers in ``config.json``.
@@ -129,13 +131,6 @@ def sparse_module_records(model: nn.Module) -> list:
 # finding and building the sparse layers of a checkpoint on the meta device
 
 
-def _accepts(cls: type, module: nn.Module) -> bool:
-    """Whether ``cls`` replaces ``module``: its ``matches_dense(module)`` if it has one (a layer type that lives in
-    another library, e.g. transformers' Conv1D), else the exact type ``cls.dense_type``, as ``sparsify`` does."""
-    matches = getattr(cls, "matches_dense", None)
-    return bool(matches(module)) if matches is not None else type(module) is cls.dense_type
-
-
 def _args_from_dense(cls: type, module: nn.Module) -> Optional[dict]:
     """The constructor arguments of a ``cls`` layer replacing the dense ``module`` (its geometry only: no values
     are read, so it works on the meta device), or None when ``cls`` cannot say."""
@@ -179,10 +174,9 @@ def _same(a, b) -> bool:
 
 
 def _check_target(cls: type, old: nn.Module, args: dict, name: str) -> None:
-    if not _accepts(cls, old):
+    if not cls.matches_dense(old):
         raise ValueError(f"from_pretrained(): the checkpoint stores a {cls.__name__} at {name!r}, expected the model "
-                         f"to have an {getattr(cls.dense_type, '__name__', cls.dense_type)} there, got "
-                         f"{type(old).__name__}")
+                         f"to have a {cls.dense_label()} there, got {type(old).__name__}")
     for attr, recorded in args.items():
         have = (old.bias is not None) if attr == "bias" else getattr(old, attr, None)
         if have is None or isinstance(have, (str, torch.Tensor)):
@@ -190,6 +184,18 @@ def _check_target(cls: type, old: nn.Module, args: dict, name: str) -> None:
         if not _same(have, recorded):
             raise ValueError(f"from_pretrained(): layer {name!r} has {attr}={have} in the model but {recorded} in "
                              "the checkpoint")
+
+
+def _check_permuted(name: str, args: dict, stored_as: str, keys: set, bitmask: bool) -> None:
+    """A layer stored in a permuted input order (``<layer>.input_perm`` in the checkpoint) must be built as one, or its
+    weight would be read in the wrong order; a bitmask layer has no such order."""
+    stored = f"{stored_as}.input_perm" in keys
+    if stored and not args.get("input_perm"):
+        raise ValueError(f"from_pretrained(): the checkpoint stores {stored_as}.input_perm but config.json lists "
+                         f"{name!r} without input_perm: its compressed weight would be read in the wrong input order")
+    if bitmask and args.get("input_perm"):
+        raise ValueError(f"from_pretrained(): {name!r} is stored as a compressed-tensors bitmask, which has no input "
+                         "permutation, but config.json lists it with input_perm")
 
 
 def _tied_names(model: nn.Module) -> set:
@@ -222,7 +228,7 @@ class Bitmask24Deserialize(ConversionOps):
         w24 = sparse24_from_bitmask(parts["compressed"], parts["bitmask"], parts["shape"])
         module = model.get_submodule(layer)
         if not isinstance(module, SparseLinear):
-            # another layout than [out, in] (e.g. a future Conv1D module, weight [in, out]): through the dense weight
+            # another layout than [out, in] (SparseConv1D: weight [in, out]): through the dense weight
             w24 = compress_24(module.weight_to_2d(w24.to_dense()))
         return {f"{layer}.weight_values": w24.values, f"{layer}.weight_meta": w24.meta}
 
@@ -300,7 +306,12 @@ class SparseKernelsHfQuantizer(HfQuantizer):
                 if prefix in bitmask:
                     self.bitmask_layers[target] = prefix
                 if target not in plan:
-                    plan[target] = (*self._infer_24(model, target), prefix)
+                    cls, args = self._infer_24(model, target)
+                    if f"{prefix}.input_perm" in keys:  # stored in a permuted input order
+                        args["input_perm"] = True
+                    plan[target] = (cls, args, prefix)
+            for target, (cls, args, stored_as) in plan.items():
+                _check_permuted(target, args, stored_as, keys, target in self.bitmask_layers)
         if absent:
             logger.warning("from_pretrained(): sparse layers of the checkpoint that %s does not have (left out): %s",
                            type(model).__name__, ", ".join(sorted(set(absent))))
@@ -329,7 +340,7 @@ class SparseKernelsHfQuantizer(HfQuantizer):
     def _infer_24(model: nn.Module, name: str) -> tuple[type, dict]:
         old = model.get_submodule(name)
         for cls in sparse_module_types():
-            if cls.pattern == "2:4" and _accepts(cls, old):
+            if cls.pattern == "2:4" and cls.matches_dense(old):
                 args = _args_from_dense(cls, old)
                 if args is not None:
                     return cls, args

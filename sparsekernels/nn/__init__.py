@@ -5,6 +5,7 @@
     linear           SparseLinear (2:4 nn.Linear)
     conv             SparseConv2d (2:4 nn.Conv2d)
     blocksparse      BlockSparseLinear (block-sparse nn.Linear)
+    conv1d           SparseConv1D (2:4 transformers Conv1D, GPT-2's projections; transformers is not imported)
     walk             finding and replacing modules inside a model (used by swap and checkpoints)
 
 Importing this package registers the built-in modules; it does not import Triton.
@@ -20,6 +21,7 @@ from .base import (
 from .linear import SparseLinear  # noqa: I001  (registration order: 2:4 is tried before block for pattern="any")
 from .conv import SparseConv2d
 from .blocksparse import BlockSparseLinear
+from .conv1d import SparseConv1D
 
 __all__ = [
     "SparseModule",
@@ -31,4 +33,5 @@ __all__ = [
     "SparseLinear",
     "SparseConv2d",
     "BlockSparseLinear",
+    "SparseConv1D",
 ]

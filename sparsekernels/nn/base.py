@@ -1,10 +1,11 @@
 """What every sparse module is, and the registry of them.
 
-A sparse module replaces one dense layer type (``nn.Linear``, ``nn.Conv2d``, ...) by a layer whose weight is
-stored in a sparse format. It declares how it is recognised (:attr:`SparseModule.dense_type` and
-:meth:`~SparseModule.check_convertible`), converted (:meth:`~SparseModule.from_dense`, :meth:`~SparseModule.to_dense`)
-and rebuilt from a checkpoint record (:meth:`~SparseModule.constructor_args`). ``sparsify``, ``densify`` and
-``load_sparse`` iterate over the registry, so a new format is one new module file::
+A sparse module replaces one dense layer type (``nn.Linear``, ``nn.Conv2d``, transformers' ``Conv1D``, ...) by a
+layer whose weight is stored in a sparse format. It declares how it is recognised
+(:meth:`SparseModule.matches_dense`, by default the exact type :attr:`SparseModule.dense_type`, and
+:meth:`~SparseModule.check_convertible`), converted (:meth:`~SparseModule.from_dense`,
+:meth:`~SparseModule.to_dense`) and rebuilt from a checkpoint record (:meth:`~SparseModule.constructor_args`).
+``sparsify``, ``densify`` and ``load_sparse`` iterate over the registry, so a new format is one new module file::
 
     @register_sparse_module
     class MyFormatLinear(SparseModule):
@@ -106,7 +107,9 @@ class SparseModule(nn.Module):
 
     Class attributes a subclass sets:
         pattern: the name ``sparsify(pattern=...)`` selects it by, e.g. ``"2:4"`` or ``"block"``.
-        dense_type: the exact dense layer type it replaces (subclasses of it are never swapped).
+        dense_type: the exact dense layer type it replaces (subclasses of it are never swapped). A class replacing a
+            layer of a library this package does not import (transformers' ``Conv1D``) leaves it ``nn.Module`` and
+            overrides :meth:`matches_dense` and :meth:`dense_label` instead.
         options: names of the ``sparsify`` keyword options its conversion takes (e.g. ``block_size``).
         cpu_note: what ``backend="auto"`` runs on the CPU, in words (``sparsekernels.explain`` prints it).
         op_name: the ``sparsekernels::`` op its forward calls (a key of ``sparsekernels.ops.routing.ROUTES``), or
@@ -173,6 +176,19 @@ class SparseModule(nn.Module):
         self.state_changed()
 
     @classmethod
+    def matches_dense(cls, module: nn.Module) -> bool:
+        """Whether ``module`` is the kind of dense layer this class replaces: ``sparsify`` converts it (if
+        :meth:`check_convertible` agrees), ``load_sparse`` and ``from_pretrained`` put this class in its place.
+        The default is the exact type :attr:`dense_type` (a subclass may change ``forward``, so it never matches)."""
+        return type(module) is cls.dense_type
+
+    @classmethod
+    def dense_label(cls) -> str:
+        """The dense layer this class replaces, in words for messages (``"nn.Linear"``)."""
+        t = cls.dense_type
+        return f"nn.{t.__name__}" if t.__module__.startswith("torch.nn") else t.__qualname__
+
+    @classmethod
     def check_convertible(cls, module: nn.Module, **options) -> Optional[str]:
         """``None`` if :meth:`from_dense` can convert ``module`` with these options, else the reason in words."""
         raise NotImplementedError
@@ -232,15 +248,19 @@ def register_sparse_module(cls: type[SparseModule]) -> type[SparseModule]:
     """Class decorator: make ``cls`` known to ``sparsify``, ``densify``, ``save_sparse`` and ``load_sparse``.
 
     Raises:
-        TypeError: ``cls`` is not a :class:`SparseModule` subclass, or sets no ``pattern`` / ``dense_type``.
+        TypeError: ``cls`` is not a :class:`SparseModule` subclass, sets no ``pattern``, or neither sets
+            ``dense_type`` nor overrides ``matches_dense``.
         ValueError: another class of the same name is registered already.
     """
     if not (isinstance(cls, type) and issubclass(cls, SparseModule)):
         raise TypeError(f"register_sparse_module(): expected a SparseModule subclass, got {cls!r}")
     if not isinstance(cls.pattern, str) or not cls.pattern or cls.pattern == "any":
         raise TypeError(f"register_sparse_module(): {cls.__name__}.pattern must be a non-empty name other than 'any'")
-    if not (isinstance(cls.dense_type, type) and issubclass(cls.dense_type, nn.Module)) or cls.dense_type is nn.Module:
+    if not (isinstance(cls.dense_type, type) and issubclass(cls.dense_type, nn.Module)):
         raise TypeError(f"register_sparse_module(): {cls.__name__}.dense_type must be the nn.Module type it replaces")
+    if cls.dense_type is nn.Module and cls.matches_dense.__func__ is SparseModule.matches_dense.__func__:
+        raise TypeError(f"register_sparse_module(): {cls.__name__} must set dense_type to the nn.Module type it "
+                        "replaces, or override matches_dense(module)")
     known = _REGISTRY.get(cls.__name__)
     if known is not None and known is not cls:
         raise ValueError(f"register_sparse_module(): a sparse module named {cls.__name__!r} is registered already")

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.sparse24 import conv_weight_from_2d, conv_weight_to_2d, first_non24_group
+from ..formats.sparse24 import conv_weight_from_2d, conv_weight_to_2d
 from ..ops import routing
 from ..ops.checks import IntPair, pair
 from ..ops.functional import sparse24_conv2d
@@ -42,8 +42,10 @@ class SparseConv2d(Sparse24Module):
     keeps at most 2 values.
 
     State dict (on every device): ``weight_values`` ``[out, kh * kw * in / 2]``, ``weight_meta``
-    ``uint8 [out, ceil(kh * kw * in / 8)]`` and ``bias`` ``[out]`` or None. In memory: the compressed tensors on
-    a GPU, the dense ``weight`` ``[out, in, kh, kw]`` on the CPU (one copy, see
+    ``uint8 [out, ceil(kh * kw * in / 8)]`` and ``bias`` ``[out]`` or None; a permuted layer also ``input_perm``
+    ``int64 [in]`` (a permutation of the input channels, the same at every kernel position), with the compressed
+    weight the channels-last view of ``W[:, input_perm]``. In memory: the compressed tensors on a GPU, the dense
+    ``weight`` ``[out, in, kh, kw]`` on the CPU (one copy, in the original channel order, see
     :mod:`sparsekernels.nn.sparse24_module`).
 
     The constructor builds correctly shaped zero state on any device, the meta device included, so a
@@ -58,6 +60,8 @@ class SparseConv2d(Sparse24Module):
         kernel_size, stride, padding, dilation: ints or pairs, as ``nn.Conv2d`` (numeric padding only;
             use :meth:`from_dense` to convert a symmetric ``padding="same"``).
         bias: whether the layer has a bias.
+        input_perm: whether the layer carries an input-channel permutation (an identity one until loaded;
+            ``from_dense`` sets it from a dense layer's ``input_perm`` buffer).
         backend: ``"auto"``, ``"triton"``, ``"reference"`` or ``"dense"`` (see
             :func:`sparsekernels.sparse24_conv2d`); ``SPARSEKERNELS_BACKEND`` overrides it.
         device, dtype: where and in which dtype (float16 / bfloat16 / float32) to build the state.
@@ -80,13 +84,11 @@ class SparseConv2d(Sparse24Module):
         padding: IntPair = 0,
         dilation: IntPair = 1,
         bias: bool = True,
-        *,
-        backend: str = "auto",
-        device=None,
-        dtype=None,
+        *, input_perm: bool = False, backend: str = "auto", device=None, dtype=None,
     ) -> None:
         super().__init__(backend)
         fn = "SparseConv2d()"
+        permuted = self.check_input_perm_flag(fn, input_perm)
         check_size(fn, "in_channels", in_channels, 4, multiple=4)
         check_size(fn, "out_channels", out_channels)
         self.kernel_size = pair(fn, "kernel_size", kernel_size, 1)
@@ -99,7 +101,7 @@ class SparseConv2d(Sparse24Module):
         self.groups = 1
         self.padding_mode = "zeros"
         k = self.kernel_size[0] * self.kernel_size[1] * in_channels
-        self.init_24_state(out_channels, k, bias, device, dtype)
+        self.init_24_state(out_channels, k, bias, device, dtype, in_channels if permuted else 0)
 
     def weight_to_2d(self, weight: torch.Tensor) -> torch.Tensor:
         return conv_weight_to_2d(weight)
@@ -124,26 +126,24 @@ class SparseConv2d(Sparse24Module):
         reason = dtype_reason(conv, bias_too=True)
         if reason is not None:
             return reason
-        if conv.weight.numel() == 0:
-            return f"the weight is empty (shape {tuple(conv.weight.shape)})"
-        if conv.in_channels % 4:
-            return f"in_channels={conv.in_channels} is not a multiple of 4 (2:4 groups run along input channels)"
-        if conv.weight.device.type == "meta":
-            return "weight is on the meta device (its sparsity pattern is unknown)"
-        bad = first_non24_group(conv_weight_to_2d(conv.weight))
-        if bad is not None:
-            out, group, count = bad
+
+        def describe(out: int, group: int, count: int) -> str:
             position, cgroup = divmod(group, conv.in_channels // 4)
             r, s = divmod(position, conv.kernel_size[1])
-            return (
-                f"weight is not 2:4 sparse along input channels: output channel {out}, kernel position "
-                f"({r}, {s}), input channels {4 * cgroup}..{4 * cgroup + 3} hold {count} non-zeros"
-            )
-        return None
+            return (f"weight is not 2:4 sparse along input channels: output channel {out}, kernel position "
+                    f"({r}, {s}), input channels {4 * cgroup}..{4 * cgroup + 3} hold {count} non-zeros")
+
+        c = conv.in_channels
+        return cls.sparse24_reason(
+            conv, f"shape {tuple(conv.weight.shape)}",
+            (f"in_channels={c} is not a multiple of 4 (2:4 groups run along input channels)", c),
+            lambda: conv_weight_to_2d(conv.weight), describe)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, *, backend: str = "auto") -> "SparseConv2d":
-        """Compress an ``nn.Conv2d`` whose weight is already 2:4 sparse along input channels.
+        """Compress an ``nn.Conv2d`` whose weight is already 2:4 sparse along input channels (if it carries an
+        ``input_perm`` buffer, a permutation of its input channels: in that order, ``weight[:, input_perm]``, at
+        every kernel position; the new layer then carries it).
 
         Same device and dtype as ``conv``; ``padding="valid"`` and symmetric ``padding="same"`` become
         numeric padding.
@@ -152,23 +152,18 @@ class SparseConv2d(Sparse24Module):
             ValueError: the layer cannot be converted (the message says why, see
                 :meth:`check_convertible`), or unknown backend.
         """
-        reason = cls.check_convertible(conv)
-        if reason is not None:
-            raise ValueError(f"SparseConv2d.from_dense(): cannot convert {conv!r}: {reason}")
-        w = conv.weight
-        layer = cls(conv.in_channels, conv.out_channels, tuple(conv.kernel_size), stride=tuple(conv.stride),
-                    padding=_numeric_padding(conv), dilation=tuple(conv.dilation), bias=conv.bias is not None,
-                    backend=backend, device=w.device, dtype=w.dtype)
-        layer.load_weight(w.detach(), conv.bias)
-        return layer
+        return cls.convert(conv, backend, in_channels=conv.in_channels, out_channels=conv.out_channels,
+                           kernel_size=tuple(conv.kernel_size), stride=tuple(conv.stride),
+                           padding=_numeric_padding(conv), dilation=tuple(conv.dilation))
 
     def to_dense(self) -> nn.Conv2d:
-        """An ``nn.Conv2d`` with exactly this layer's weights and geometry, on the same device and dtype."""
+        """An ``nn.Conv2d`` with exactly this layer's weights (original channel order) and geometry, on the same
+        device and dtype; a permuted layer's copy carries its ``input_perm`` buffer."""
         weight = self.dense_weight()
         conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
                          padding=self.padding, dilation=self.dilation, bias=self.bias is not None,
                          device=weight.device, dtype=weight.dtype)
-        return copy_into(conv, weight, self.bias)
+        return self.attach_input_perm(copy_into(conv, weight, self.bias))
 
     @classmethod
     def dense_args(cls, conv: nn.Module) -> dict:
@@ -203,6 +198,7 @@ class SparseConv2d(Sparse24Module):
             "padding": list(self.padding),
             "dilation": list(self.dilation),
             "bias": self.bias is not None,
+            **({"input_perm": True} if self.permuted else {}),
         }
 
     # -- forward ------------------------------------------------------------------------------------
@@ -214,23 +210,19 @@ class SparseConv2d(Sparse24Module):
             # unbatched [C, H, W], as nn.Conv2d accepts it: run as a batch of one, return [out, OH, OW]
             return self.forward(x.unsqueeze(0)).squeeze(0)
         bias = self._parameters["bias"]
-        if self.uses_resident_dense() and x.dim() == 4 and x.shape[1] == self.in_channels:
-            weight = self._parameters["weight"]
-            out_format = routing.conv_output_format(x)
-            if routing.is_compiling():
-                return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation).contiguous(
-                    memory_format=out_format)
-            try:
-                y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-                if not y.is_meta:  # F.conv2d takes a meta input with a CPU weight; the op's contract does not
-                    return y.contiguous(memory_format=out_format)
-            except (RuntimeError, TypeError, ValueError):
-                pass  # F.conv2d refused the input: the checks below raise the clear error
+        if x.dim() == 4 and x.shape[1] == self.in_channels:
+            y = self.forward_resident_dense(x, self._dense_conv)
+            if y is not None:
+                return y
         if x.dim() != 4 or x.shape[1] != self.in_channels:  # the op would refuse it too, without the layer's name
             raise ValueError(f"SparseConv2d.forward(): expected input of shape [B, {self.in_channels}, H, W] "
                              f"(or unbatched [{self.in_channels}, H, W]), got {tuple(x.shape)}")
         return sparse24_conv2d(x, self.op_weight24(), bias, self.stride, self.padding, self.dilation,
                                backend=self.backend, kernel_size=self.kernel_size)
+
+    def _dense_conv(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        y = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        return y.contiguous(memory_format=routing.conv_output_format(x))
 
     def extra_repr(self) -> str:
         s = (
@@ -239,4 +231,4 @@ class SparseConv2d(Sparse24Module):
         )
         if self.bias is None:
             s += ", bias=False"
-        return s + f", sparsity=2:4, backend={self.backend!r}"
+        return s + f", sparsity=2:4{self.perm_repr()}, backend={self.backend!r}"

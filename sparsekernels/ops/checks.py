@@ -10,7 +10,11 @@ The checks look at types, dtypes, shapes and devices: O(1) per call. The content
 metadata, block indices) are checked where weights are built or loaded
 (:meth:`~sparsekernels.formats.sparse24.Sparse24Weight.validate`,
 :meth:`~sparsekernels.formats.blocksparse.BlockSparseWeight.validate`); the kernels never read outside their
-tensors whatever those contents are.
+tensors whatever those contents are. An input permutation (``input_perm``) is checked here in full -- a
+permutation of the right length -- but once per tensor: the verdict is cached while the tensor lives unchanged
+(:func:`sparsekernels.ops.cache.cached`), so a layer pays it on its first call (one device sync on a GPU), not
+per call; tracing (``torch.compile``, ``torch.export``, fake tensors) and CUDA-graph capture check only its
+dtype, shape and device, and the kernels mask every gathered index, so no value can make them read out of bounds.
 
 Each ``check_*`` raises ``TypeError`` (wrong types or dtypes) or ``ValueError`` (wrong shapes, devices or geometry)
 with what was expected and what was given, naming the function ``fn`` the user called. Zero-size dimensions: a
@@ -24,7 +28,9 @@ from typing import Optional, Sequence, Union
 import torch
 
 from ..formats.blocksparse import BLOCK_SIZES, INDEX_DTYPE, BlockSparseWeight, cdiv
+from ..formats.permutation import check_permutation, check_permutation_tensor
 from ..formats.sparse24 import SUPPORTED_DTYPES, Sparse24Weight
+from .cache import cached
 
 __all__ = [
     "IntPair",
@@ -35,6 +41,7 @@ __all__ = [
     "check_sparse24_conv2d_tensors",
     "check_block_sparse_linear",
     "check_block_sparse_linear_tensors",
+    "check_input_perm",
 ]
 
 IntPair = Union[int, Sequence[int]]
@@ -106,28 +113,75 @@ def _check_24_parts(fn: str, values, meta, k: int) -> int:
     return n
 
 
-def check_sparse24_linear_tensors(fn: str, x, values, meta, bias, in_features, *, any_float: bool = False) -> None:
+def _permutation_checked(fn: str, perm: torch.Tensor) -> bool:
+    check_permutation(fn, perm, perm.shape[0])
+    return True
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s contents can be read now: not while tracing, capturing a CUDA graph or on the meta device."""
+    if t.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_input_perm(fn: str, input_perm, length: int, device: torch.device, *, contents: bool = True) -> None:
+    """``input_perm`` is None or an ``int64 [length]`` permutation of ``0..length-1`` on ``device``.
+
+    The contents are checked once per tensor and version (the verdict is cached while the tensor lives unchanged),
+    and only where they can be read (see the module docstring); ``contents=False`` checks dtype, shape and device
+    only (the fake implementations).
+
+    Raises:
+        TypeError: not a tensor, or not ``int64``.
+        ValueError: another shape or device, or not a permutation (naming the first bad position or value).
+    """
+    if input_perm is None:
+        return
+    check_permutation_tensor(fn, input_perm, length)
+    if input_perm.device != device:
+        raise ValueError(f"{fn}: expected input_perm on the weight's device {device}, got {input_perm.device}")
+    if contents and _has_values(input_perm):
+        cached(input_perm, "input_perm_checked", (), _permutation_checked, fn, input_perm)
+
+
+def check_sparse24_linear_tensors(fn: str, x, values, meta, bias, in_features, input_perm=None, *,
+                                  any_float: bool = False, contents: bool = True) -> None:
     """The 2:4 Linear contract on the custom op's tensors: ``x`` ``[..., in_features]`` of the values' dtype and
     device (any number of rows, zero included), ``values`` ``[out, in_features / 2]``, ``meta``
-    ``uint8 [out, ceil(in_features / 8)]``, ``bias`` None or ``[out]`` of the values' dtype and device.
+    ``uint8 [out, ceil(in_features / 8)]``, ``bias`` None or ``[out]`` of the values' dtype and device,
+    ``input_perm`` None or an ``int64 [in_features]`` permutation on the values' device (:func:`check_input_perm`).
 
-    ``any_float`` admits every floating dtype (the float64 references), not only the kernels' three.
+    ``any_float`` admits every floating dtype (the float64 references), not only the kernels' three; ``contents``:
+    see :func:`check_input_perm`.
     """
     _check_int(fn, "in_features", in_features, 4, multiple=4)
     n = _check_24_parts(fn, values, meta, in_features)
-    _check_x(fn, x, values.dtype, values.device, any_float)
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"{fn}: expected x of shape [..., {in_features}] (in_features of the weight), got {tuple(x.shape)}"
-        )
-    _check_bias(fn, bias, n, values.dtype, values.device)
+    _check_linear_io(fn, x, bias, n, in_features, values, any_float)
+    check_input_perm(fn, input_perm, in_features, values.device, contents=contents)
+
+
+def _check_linear_io(fn: str, x, bias, n: int, k: int, values: torch.Tensor, any_float: bool) -> None:
+    """``x`` ``[..., k]`` and ``bias`` None or ``[n]``, both of the values' dtype and device."""
+    dtype, device = values.dtype, values.device  # (each .device builds an object: read it once)
+    _check_x(fn, x, dtype, device, any_float)
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(f"{fn}: expected x of shape [..., {k}] (in_features of the weight), got {tuple(x.shape)}")
+    _check_bias(fn, bias, n, dtype, device)
 
 
 def check_sparse24_linear(fn: str, x, w24, bias, *, any_float: bool = False) -> None:
-    """:func:`check_sparse24_linear_tensors` for a :class:`Sparse24Weight` ``w24``."""
+    """:func:`check_sparse24_linear_tensors` for a :class:`Sparse24Weight` ``w24`` (its ``input_perm`` included).
+
+    The weight's own parts (shapes, dtypes, one device) were checked when it was built
+    (``Sparse24Weight.__post_init__``; it is frozen), so only what comes with the call is checked here, the cost a
+    small CPU layer pays on every call."""
     if not isinstance(w24, Sparse24Weight):
         raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
-    check_sparse24_linear_tensors(fn, x, w24.values, w24.meta, bias, w24.shape[1], any_float=any_float)
+    n, k = w24.shape
+    _check_linear_io(fn, x, bias, n, k, w24.values, any_float)
+    if w24.input_perm is not None:
+        check_input_perm(fn, w24.input_perm, k, w24.values.device)
 
 
 def check_block_sparse_linear_tensors(fn: str, x, values, row_ptr, col_idx, bias, out_features, *,
@@ -176,15 +230,16 @@ Geometry = tuple[tuple[int, int], tuple[int, int], tuple[int, int], tuple[int, i
 
 def check_sparse24_conv2d_tensors(
     fn: str, x, values, meta, bias, stride: IntPair, padding: IntPair, dilation: IntPair, kernel_size: IntPair,
-    *, any_float: bool = False,
+    input_perm=None, *, any_float: bool = False, contents: bool = True,
 ) -> Geometry:
     """The 2:4 conv contract on the custom op's tensors; returns ``(stride, padding, dilation, kernel_size)`` as
     pairs of ints.
 
     ``x`` is ``[B, C, H, W]`` (``B`` may be 0: an empty output) with ``C`` a positive multiple of 4 and
     ``C * kh * kw`` the weight's ``in`` (``values.shape[1] * 2``); ``kernel_size`` is required, because the
-    weight alone cannot tell a 3x3 kernel over ``C`` channels from a 1x1 kernel over ``9 C``. ``any_float``: as
-    :func:`check_sparse24_linear_tensors`.
+    weight alone cannot tell a 3x3 kernel over ``C`` channels from a 1x1 kernel over ``9 C``. ``input_perm``: None
+    or an ``int64 [C]`` permutation of the input channels (the same at every kernel position) on the values'
+    device. ``any_float``, ``contents``: as :func:`check_sparse24_linear_tensors`.
     """
     _check_tensor(fn, "x", x)
     _check_tensor(fn, "values", values)
@@ -220,6 +275,7 @@ def check_sparse24_conv2d_tensors(
                 f"(padding {padding}, dilation {dilation}): the output would be empty"
             )
     _check_bias(fn, bias, n, values.dtype, values.device)
+    check_input_perm(fn, input_perm, c, values.device, contents=contents)
     return stride, padding, dilation, kernel_size
 
 
@@ -227,8 +283,9 @@ def check_sparse24_conv2d(
     fn: str, x, w24, bias, stride: IntPair, padding: IntPair, dilation: IntPair, kernel_size: Optional[IntPair],
     *, any_float: bool = False,
 ) -> Geometry:
-    """:func:`check_sparse24_conv2d_tensors` for a :class:`Sparse24Weight` ``w24`` (``[out, kh * kw * C]``)."""
+    """:func:`check_sparse24_conv2d_tensors` for a :class:`Sparse24Weight` ``w24`` (``[out, kh * kw * C]``, its
+    ``input_perm`` of length ``C`` included)."""
     if not isinstance(w24, Sparse24Weight):
         raise TypeError(f"{fn}: expected w24 to be a Sparse24Weight (see compress_24), got {type(w24).__name__}")
     return check_sparse24_conv2d_tensors(fn, x, w24.values, w24.meta, bias, stride, padding, dilation, kernel_size,
-                                         any_float=any_float)
+                                         w24.input_perm, any_float=any_float)

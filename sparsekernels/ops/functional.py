@@ -46,7 +46,7 @@ def custom_op(name: str):
 def _eager_cpu_auto(name: str, x: torch.Tensor, backend: str) -> bool:
     """May the call skip the custom op's ~20 us of dispatch (more than a small CPU layer takes)? Yes for eager
     ``"auto"`` on CPU tensors: the op would run the same CPU rule, and PyTorch's own ops give the gradients."""
-    if backend == "auto" and x.device.type == "cpu" and not routing.is_compiling():
+    if backend == "auto" and x.is_cpu and not routing.is_compiling():
         custom_op(name)  # the CPU rule may run the op's reference, which its kernel module registers
         return True
     return False
@@ -60,7 +60,10 @@ def sparse24_linear(
     Args:
         x: ``[..., in]`` float16 / bfloat16 / float32 activations, same dtype and device as ``w24``; any
             strides (the Triton kernel reads through them).
-        w24: the compressed ``[out, in]`` weight (:func:`sparsekernels.compress_24`).
+        w24: the compressed ``[out, in]`` weight (:func:`sparsekernels.compress_24`). When it carries an
+            ``input_perm`` (stored in a permuted input order), every backend gathers ``x`` by it (the Triton kernel
+            in its activation load, ``"dense"`` / ``"reference"`` / ``"cusparselt"`` in PyTorch) or multiplies by
+            the weight in its original order (the cached dense copy of ``"auto"``): ``W`` is ``w24.to_dense()``.
         bias: optional ``[out]`` tensor, same dtype and device.
         backend: ``"auto"`` (CPU: ``F.linear`` on a dense copy cached per weight, see ``docs/sparse24.md``;
             CUDA: the measured fastest of ``"triton"``, ``"dense"`` and ``"cusparselt"`` per shape),
@@ -72,7 +75,8 @@ def sparse24_linear(
     Raises:
         TypeError: ``x`` / ``bias`` not tensors, ``w24`` not a :class:`Sparse24Weight`, or dtype mismatch.
         ValueError: ``x.shape[-1] != in``, bias shape, device mismatch, unknown backend name (argument or
-            environment), or ``"cusparselt"`` on an unsupported dtype / shape.
+            environment), ``"cusparselt"`` on an unsupported dtype / shape, or an ``input_perm`` that is not a
+            permutation of ``0..in-1`` (checked once per tensor, see :func:`sparsekernels.ops.checks.check_input_perm`).
         RuntimeError: ``"triton"`` on CPU tensors without ``TRITON_INTERPRET=1`` or on bfloat16 CPU tensors;
             ``"cusparselt"`` off CUDA.
     """
@@ -81,9 +85,9 @@ def sparse24_linear(
     backend = routing.resolve("sparse24_linear", fn, backend, x, w24.shape[0])
     args = (w24.values, w24.meta, bias, w24.shape[1])
     if _eager_cpu_auto("sparse24_linear", x, backend):
-        y = routing.run("sparse24_linear", backend, x.reshape(-1, w24.shape[1]), *args)
-        return y.reshape(*x.shape[:-1], w24.shape[0])
-    return custom_op("sparse24_linear")(x, *args, backend)
+        # the CPU rule is F.linear on the cached dense weight, which takes x's leading dimensions as they are
+        return routing.run("sparse24_linear", backend, x, *args, *routing.perm_args(w24.input_perm))
+    return custom_op("sparse24_linear")(x, *args, backend, w24.input_perm)
 
 
 def sparse24_conv2d(
@@ -104,7 +108,9 @@ def sparse24_conv2d(
             device. ``C`` a positive multiple of 4 with ``kh * kw * C`` the weight's ``in``; ``B = 0`` gives an
             empty output.
         w24: ``compress_24(conv_weight_to_2d(weight))`` for a ``[out, C, kh, kw]`` weight whose every
-            group of 4 consecutive input channels at each kernel position has at most 2 non-zeros.
+            group of 4 consecutive input channels at each kernel position has at most 2 non-zeros; or
+            ``compress_24(conv_weight_to_2d(weight), input_perm=p)`` with ``p`` an ``int64 [C]`` permutation of the
+            input channels (2:4 in the order ``weight[:, p]``), which every backend applies to ``x``'s channels.
         bias: optional ``[out]``, same dtype and device as ``x``.
         stride, padding, dilation: ints or pairs, as in ``F.conv2d`` (numeric padding only).
         backend: ``"auto"`` (GPU: the dispatcher measures Triton vs cuDNN on a cached dense copy once per
@@ -122,15 +128,17 @@ def sparse24_conv2d(
     Raises:
         TypeError: wrong argument types or dtypes, ``kernel_size=None``.
         ValueError: wrong shapes, channel count, kernel size, devices, empty spatial dimensions or an empty
-            output, an unknown backend or one the op does not have (``"cusparselt"``).
+            output, an unknown backend or one the op does not have (``"cusparselt"``), an ``input_perm`` that is
+            not a permutation of the ``C`` channels.
         RuntimeError: ``"triton"`` on a CPU tensor without ``TRITON_INTERPRET=1``, or on bfloat16 CPU tensors.
     """
     fn = "sparse24_conv2d()"
     geometry = checks.check_sparse24_conv2d(fn, x, w24, bias, stride, padding, dilation, kernel_size)
     backend = routing.resolve("sparse24_conv2d", fn, backend, x)
     if _eager_cpu_auto("sparse24_conv2d", x, backend):
-        return routing.run("sparse24_conv2d", backend, x, w24.values, w24.meta, bias, *geometry)
-    return custom_op("sparse24_conv2d")(x, w24.values, w24.meta, bias, *geometry, backend)
+        return routing.run("sparse24_conv2d", backend, x, w24.values, w24.meta, bias, *geometry,
+                           *routing.perm_args(w24.input_perm))
+    return custom_op("sparse24_conv2d")(x, w24.values, w24.meta, bias, *geometry, backend, w24.input_perm)
 
 
 def block_sparse_linear(

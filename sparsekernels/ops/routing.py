@@ -51,6 +51,7 @@ __all__ = [
     "check_backend_name",
     "cusparselt_unsupported_reason",
     "pow2_bucket",
+    "perm_args",
     "CPU_BLOCK_MAX_DENSITY",
     "CPU_BLOCK_MIN_ROWS",
 ]
@@ -193,12 +194,20 @@ def pow2_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def _expand_24(values: torch.Tensor, meta: torch.Tensor, k: int) -> torch.Tensor:
-    return Sparse24Weight(values, meta, (values.shape[0], k)).to_dense()
+def _expand_24(values: torch.Tensor, meta: torch.Tensor, k: int, input_perm=None) -> torch.Tensor:
+    """The dense weight: in the stored order without ``input_perm``, in the original input order with it (the
+    permutation folded in, so ``F.linear`` on it needs no gather)."""
+    return Sparse24Weight(values, meta, (values.shape[0], k), input_perm).to_dense()
 
 
-def _expand_conv(values: torch.Tensor, meta: torch.Tensor, in_channels: int, kernel_size) -> torch.Tensor:
-    return conv_weight_from_2d(_expand_24(values, meta, values.shape[1] * 2), in_channels, kernel_size)
+def _expand_conv(values: torch.Tensor, meta: torch.Tensor, in_channels: int, kernel_size,
+                 input_perm=None) -> torch.Tensor:
+    return conv_weight_from_2d(_expand_24(values, meta, values.shape[1] * 2, input_perm), in_channels, kernel_size)
+
+
+def _gather_columns(x2d: torch.Tensor, input_perm) -> torch.Tensor:
+    """``x2d[:, input_perm]`` (the input the stored order multiplies), or ``x2d`` without a permutation."""
+    return x2d if input_perm is None else x2d.index_select(1, input_perm)
 
 
 def _expand_blocks(values, row_ptr, col_idx, n: int, k: int) -> torch.Tensor:
@@ -213,33 +222,46 @@ def conv_output_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _conv(x, weight4d, bias, stride, padding, dilation) -> torch.Tensor:
-    return F.conv2d(x, weight4d, bias, stride, padding, dilation).contiguous(memory_format=conv_output_format(x))
+def _conv(x, weight4d, bias, stride, padding, dilation, output_format=None) -> torch.Tensor:
+    y = F.conv2d(x, weight4d, bias, stride, padding, dilation)
+    return y.contiguous(memory_format=output_format or conv_output_format(x))
 
 
-def _linear24_dense(x2d, values, meta, bias, k):
-    return F.linear(x2d, _expand_24(values, meta, k), bias)
+# The 2:4 Linear implementations below take (x2d, values, meta, bias, k, input_perm=None). With an input permutation
+# the stored matrix multiplies x gathered by it ("dense", "cusparselt": a gather in PyTorch per call), or the cached
+# dense copy holds the weight in its original order, the permutation folded in ("cached dense": no gather at all).
 
 
-def _linear24_cached(x2d, values, meta, bias, k):
-    return F.linear(x2d, cached(values, "sparse24_dense", (meta,), _expand_24, values, meta, k), bias)
+def _linear24_dense(x2d, values, meta, bias, k, input_perm=None):
+    return F.linear(_gather_columns(x2d, input_perm), _expand_24(values, meta, k), bias)
+
+
+def _linear24_cached(x2d, values, meta, bias, k, input_perm=None):
+    depends = (meta,) if input_perm is None else (meta, input_perm)
+    return F.linear(x2d, cached(values, "sparse24_dense", depends, _expand_24, values, meta, k, input_perm), bias)
 
 
 def _semi_structured(values, meta, k):
     return torch.sparse.to_sparse_semi_structured(_expand_24(values, meta, k))
 
 
-def _linear24_cusparselt(x2d, values, meta, bias, k):
-    return F.linear(x2d, cached(values, "sparse24_cusparselt", (meta,), _semi_structured, values, meta, k), bias)
+def _linear24_cusparselt(x2d, values, meta, bias, k, input_perm=None):
+    weight = cached(values, "sparse24_cusparselt", (meta,), _semi_structured, values, meta, k)  # the stored 2:4 order
+    return F.linear(_gather_columns(x2d, input_perm), weight, bias)
 
 
-def _conv24_dense(x, values, meta, bias, stride, padding, dilation, kernel_size):
-    return _conv(x, _expand_conv(values, meta, x.shape[1], kernel_size), bias, stride, padding, dilation)
+def _conv24_dense(x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm=None):
+    output_format = conv_output_format(x)
+    if input_perm is not None:
+        x = x.index_select(1, input_perm)
+    return _conv(x, _expand_conv(values, meta, x.shape[1], kernel_size), bias, stride, padding, dilation,
+                 output_format)
 
 
-def _conv24_cached(x, values, meta, bias, stride, padding, dilation, kernel_size):
-    weight = cached(values, ("conv_dense", x.shape[1], kernel_size), (meta,), _expand_conv, values, meta,
-                    x.shape[1], kernel_size)
+def _conv24_cached(x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm=None):
+    depends = (meta,) if input_perm is None else (meta, input_perm)
+    weight = cached(values, ("conv_dense", x.shape[1], kernel_size), depends, _expand_conv, values, meta,
+                    x.shape[1], kernel_size, input_perm)
     return _conv(x, weight, bias, stride, padding, dilation)
 
 
@@ -266,22 +288,28 @@ def _block_cpu_auto(x2d, values, row_ptr, col_idx, bias, n):
 # The table of ops
 
 
-def _linear24_candidates(x2d, values, meta, bias, k) -> tuple[str, ...]:
+def _linear24_candidates(x2d, values, meta, bias, k, input_perm=None) -> tuple[str, ...]:
     if cusparselt_unsupported_reason(x2d.device, x2d.dtype, values.shape[0], k) is None:
         return ("triton", "dense", "cusparselt")
     return ("triton", "dense")
 
 
-def _linear24_key(x2d, values, meta, bias, k) -> tuple:
+def _perm_key(input_perm) -> tuple:
+    # a permuted layer is measured apart (its Triton and cuSPARSELt paths gather x); unpermuted keys are unchanged
+    return () if input_perm is None else ("input_perm",)
+
+
+def _linear24_key(x2d, values, meta, bias, k, input_perm=None) -> tuple:
     # tokens bucketed to powers of two up to 8192 (one decision per bucket)
-    return (min(pow2_bucket(x2d.shape[0]), 8192), values.shape[0], k, x2d.dtype, bias is not None)
+    return (min(pow2_bucket(x2d.shape[0]), 8192), values.shape[0], k, x2d.dtype, bias is not None,
+            *_perm_key(input_perm))
 
 
-def _conv24_key(x, values, meta, bias, stride, padding, dilation, kernel_size) -> tuple:
+def _conv24_key(x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm=None) -> tuple:
     bsz, c, h, w = x.shape
     fmt = "channels_last" if conv_output_format(x) == torch.channels_last else "contiguous"
     return (pow2_bucket(bsz), c, h, w, values.shape[0], *kernel_size, *stride, *padding, *dilation, fmt,
-            str(x.dtype), bias is not None)
+            str(x.dtype), bias is not None, *_perm_key(input_perm))
 
 
 def _block_key(x2d, values, row_ptr, col_idx, bias, n) -> tuple:
@@ -323,9 +351,20 @@ class OpRoute:
 
 
 # Argument conventions of the implementations (what the custom ops pass to run()):
-#   sparse24_linear:     (x2d [M, K], values [N, K/2], meta [N, ceil(K/8)] uint8, bias [N] | None, K)
-#   sparse24_conv2d:     (x [B, C, H, W], values, meta, bias, stride, padding, dilation, kernel_size)
+#   sparse24_linear:     (x2d [M, K], values [N, K/2], meta [N, ceil(K/8)] uint8, bias [N] | None, K
+#                         [, input_perm int64 [K]]); its CPU rule (F.linear) also takes x [..., K] as it is
+#   sparse24_conv2d:     (x [B, C, H, W], values, meta, bias, stride, padding, dilation, kernel_size
+#                         [, input_perm int64 [C]])
 #   block_sparse_linear: (x2d [M, K], values [nnz, bs, bs], row_ptr, col_idx, bias, N)
+# The permutation is passed only when there is one (perm_args), so an implementation registered for unpermuted
+# weights keeps its signature; every built-in one takes it as an optional last argument.
+
+
+def perm_args(input_perm) -> tuple:
+    """The trailing implementation argument for an input permutation: ``(input_perm,)``, or ``()`` without one."""
+    return () if input_perm is None else (input_perm,)
+
+
 ROUTES: dict[str, OpRoute] = {
     "sparse24_linear": OpRoute(
         module="sparsekernels.ops.sparse24_linear",
@@ -390,7 +429,7 @@ def run(op: str, backend: str, *args) -> torch.Tensor:
     """
     if backend != "auto":
         return implementation(op, backend)(*args)
-    if args[0].device.type == "cuda":
+    if args[0].is_cuda:  # (not .device.type: a device object costs a microsecond, which small CPU layers feel)
         return run_dispatched(op, *args)
     return ROUTES[op].cpu_auto(*args)
 

@@ -9,6 +9,11 @@ position (``in`` must be a multiple of 4). The convolution is then a GEMM
 channels-last input (never materialised) and whose B operand is expanded from the 2:4 values and metadata tile
 by tile in registers.
 
+Input permutation: a weight stored with its input channels permuted (``Sparse24Weight.input_perm`` of length ``C``,
+the same at every kernel position) is applied in the activation load. With the constexpr ``HAS_PERM`` the program
+loads the channel tile's slice of the permutation and gathers the input channels through it, masking any index
+outside ``[0, C)``; without it the load is the plain one.
+
 Output memory format: channels-last when ``x`` is channels-last (and not also NCHW-contiguous), else contiguous
 NCHW -- the rule ``nn.Conv2d`` follows, for every backend (:func:`sparsekernels.ops.routing.conv_output_format`).
 
@@ -46,7 +51,7 @@ def conv_output_size(size: int, k: int, s: int, p: int, d: int) -> int:
 
 @triton.jit
 def _sparse24_conv2d_kernel(
-    x_ptr, vals_ptr, meta_ptr, bias_ptr, out_ptr,
+    x_ptr, vals_ptr, meta_ptr, bias_ptr, perm_ptr, out_ptr,
     M, N, C, H, W, OH, OW, M_BUCKET,
     stride_xb, stride_xh, stride_xw, stride_xc,
     stride_ob, stride_oh, stride_ow, stride_on,
@@ -56,6 +61,7 @@ def _sparse24_conv2d_kernel(
     KW: tl.constexpr,
     IS_GEMM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -92,9 +98,17 @@ def _sparse24_conv2d_kernel(
             for c0 in range(0, C, BLOCK_K):
                 c = c0 + offs_c
                 c_ok = c < C
+                if HAS_PERM:
+                    # stored channel c reads input channel perm[c]; an index outside [0, C) reads a zero
+                    src = tl.load(perm_ptr + c, mask=c_ok, other=0)
+                    src_ok = c_ok & (src >= 0) & (src < C)
+                    src = tl.where(src_ok, src, 0).to(tl.int32)
+                else:
+                    src = c
+                    src_ok = c_ok
                 a = tl.load(
-                    x_rows[:, None] + c[None, :] * stride_xc,
-                    mask=pix_ok[:, None] & c_ok[None, :],
+                    x_rows[:, None] + src[None, :] * stride_xc,
+                    mask=pix_ok[:, None] & src_ok[None, :],
                     other=0.0,
                 )
                 # Expand the 2:4 weight tile [BLOCK_K, BLOCK_N]: dense column k of group g = k // 4
@@ -134,7 +148,7 @@ def autotune_configs() -> list[tuple[int, int, int, int, int]]:
 )
 
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "C", "H", "W", "KH", "KW", "IS_GEMM", "HAS_BIAS"]
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "C", "H", "W", "KH", "KW", "IS_GEMM", "HAS_BIAS", "HAS_PERM"]
 _TUNED = triton.autotune(
     configs=[
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -146,11 +160,14 @@ _TUNED = triton.autotune(
 INTERPRETER_CONFIG = (16, 16, 16, 4, 1)
 
 
-def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, kernel_size, *, out=None) -> torch.Tensor:
-    """Run the Triton kernel (``x`` ``[B, C, H, W]``, geometry as ints or pairs of ints).
+def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm=None, *,
+                           out=None) -> torch.Tensor:
+    """Run the Triton kernel (``x`` ``[B, C, H, W]``, geometry as ints or pairs of ints; ``input_perm`` None or the
+    weight's ``int64 [C]`` input-channel permutation, gathered in the kernel's activation load).
 
-    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_conv2d_tensors`,
-    shapes and dtypes only), so no tensor is read out of bounds whatever the metadata holds.
+    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_conv2d_tensors`:
+    shapes and dtypes, and that ``input_perm`` is a permutation), so no tensor is read out of bounds whatever the
+    metadata holds; the kernel masks the gathered channel indices besides.
     ``out`` is a knob for tests (they poison it to check every element is written); by default it is allocated
     here, in the output memory format of :func:`sparsekernels.ops.routing.conv_output_format`.
 
@@ -160,7 +177,7 @@ def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, ker
     """
     fn = "launch_sparse24_conv2d()"
     stride, padding, dilation, kernel_size = checks.check_sparse24_conv2d_tensors(
-        fn, x, values, meta, bias, stride, padding, dilation, kernel_size)
+        fn, x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm)
     routing.check_triton_runs(fn, x.device, x.dtype)
     bsz, c, h, w = x.shape
     n = values.shape[0]
@@ -180,8 +197,9 @@ def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, ker
     # Channels-last activations: consecutive input channels are contiguous, so the A tile's K axis is coalesced.
     x = x.contiguous(memory_format=torch.channels_last)
     values, meta = values.contiguous(), meta.contiguous()
+    perm = input_perm.contiguous() if input_perm is not None else None  # the kernel reads it with stride 1
     args = (
-        x, values, meta, bias if bias is not None else values, out,
+        x, values, meta, bias if bias is not None else values, perm if perm is not None else meta, out,
         m, n, c, h, w, oh, ow, routing.pow2_bucket(m),
         x.stride(0), x.stride(2), x.stride(3), x.stride(1),
         out.stride(0), out.stride(2), out.stride(3), out.stride(1),
@@ -190,7 +208,8 @@ def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, ker
     )
     meta_args = dict(
         KH=kh, KW=kw, IS_GEMM=(kh, kw) == (1, 1) and (sh, sw) == (1, 1) and (ph, pw) == (0, 0),
-        HAS_BIAS=bias is not None, INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_BIAS=bias is not None, HAS_PERM=perm is not None,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
     )
     if routing.interpreter_enabled() and x.device.type == "cpu":
         bm, bn, bk, warps, stages = INTERPRETER_CONFIG
@@ -210,20 +229,23 @@ def launch_sparse24_conv2d(x, values, meta, bias, stride, padding, dilation, ker
 # Reference (pure PyTorch): explicit channels-last im2col, then a GEMM with the expanded 2:4 weight
 
 
-def _reference(x, values, meta, bias, stride, padding, dilation, kernel_size) -> torch.Tensor:
+def _reference(x, values, meta, bias, stride, padding, dilation, kernel_size, input_perm=None) -> torch.Tensor:
     bsz, c, h, w = x.shape
     n, k = values.shape[0], values.shape[1] * 2
     kh, kw = kernel_size
     oh = conv_output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = conv_output_size(w, kw, stride[1], padding[1], dilation[1])
+    output_format = routing.conv_output_format(x)
+    if input_perm is not None:  # gather the input channels, as the kernel does
+        x = x.index_select(1, input_perm)
     # unfold gives [B, C * kh * kw, L] ordered (c, r, s); the 2:4 weight is ordered (r, s, c).
     cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
     cols = cols.reshape(bsz, c, kh * kw, oh * ow).permute(0, 3, 2, 1).reshape(bsz * oh * ow, k)
-    out = cols @ Sparse24Weight(values, meta, (n, k)).to_dense().t()
+    out = cols @ Sparse24Weight(values, meta, (n, k)).stored_dense().t()
     if bias is not None:
         out = out + bias
     out = out.reshape(bsz, oh, ow, n).permute(0, 3, 1, 2)
-    return out.contiguous(memory_format=routing.conv_output_format(x))
+    return out.contiguous(memory_format=output_format)
 
 
 def sparse24_conv2d_reference(
@@ -236,7 +258,8 @@ def sparse24_conv2d_reference(
     *,
     kernel_size: checks.IntPair,
 ) -> torch.Tensor:
-    """Pure-PyTorch 2:4 Conv2d: channels-last im2col (``F.unfold``) times the expanded weight.
+    """Pure-PyTorch 2:4 Conv2d: channels-last im2col (``F.unfold``) times the expanded weight (in its stored order,
+    on the input channels gathered by ``w24.input_perm`` when it has one).
 
     Same arguments (``kernel_size`` required) and result as :func:`sparsekernels.sparse24_conv2d`; computes in
     ``x``'s dtype, any floating dtype (pass float64 tensors, e.g. ``w24.to(torch.float64)``, for a float64
@@ -244,7 +267,7 @@ def sparse24_conv2d_reference(
     """
     geometry = checks.check_sparse24_conv2d("sparse24_conv2d_reference()", x, w24, bias, stride, padding, dilation,
                                             kernel_size, any_float=True)
-    return _reference(x, w24.values, w24.meta, bias, *geometry)
+    return _reference(x, w24.values, w24.meta, bias, *geometry, w24.input_perm)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -262,19 +285,21 @@ def sparse24_conv2d_op(
     dilation: Sequence[int],
     kernel_size: Sequence[int],
     backend: str,
+    input_perm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``sparsekernels::sparse24_conv2d``: the contract of :func:`sparsekernels.sparse24_conv2d` on its tensors,
     checked again here (the op can be called directly), then the backend resolved by
-    :func:`sparsekernels.ops.routing.resolve`."""
+    :func:`sparsekernels.ops.routing.resolve`. ``input_perm``: the weight's input-channel permutation (or None)."""
     geometry = checks.check_sparse24_conv2d_tensors(OP_NAME, x, values, meta, bias, stride, padding, dilation,
-                                                    kernel_size)
+                                                    kernel_size, input_perm)
     backend = routing.resolve("sparse24_conv2d", OP_NAME, backend, x)
-    return routing.run("sparse24_conv2d", backend, x, values, meta, bias, *geometry)
+    return routing.run("sparse24_conv2d", backend, x, values, meta, bias, *geometry, *routing.perm_args(input_perm))
 
 
 @sparse24_conv2d_op.register_fake
-def _sparse24_conv2d_fake(x, values, meta, bias, stride, padding, dilation, kernel_size, backend):
-    checks.check_sparse24_conv2d_tensors(OP_NAME, x, values, meta, bias, stride, padding, dilation, kernel_size)
+def _sparse24_conv2d_fake(x, values, meta, bias, stride, padding, dilation, kernel_size, backend, input_perm=None):
+    checks.check_sparse24_conv2d_tensors(OP_NAME, x, values, meta, bias, stride, padding, dilation, kernel_size,
+                                         input_perm, contents=False)
     bsz, _, h, w = x.shape
     oh = conv_output_size(h, kernel_size[0], stride[0], padding[0], dilation[0])
     ow = conv_output_size(w, kernel_size[1], stride[1], padding[1], dilation[1])
@@ -283,8 +308,8 @@ def _sparse24_conv2d_fake(x, values, meta, bias, stride, padding, dilation, kern
 
 
 def _sparse24_conv2d_setup(ctx, inputs, output):
-    x, values, meta, bias, stride, padding, dilation, kernel_size, backend = inputs
-    ctx.save_for_backward(values, meta)
+    x, values, meta, bias, stride, padding, dilation, kernel_size, backend, input_perm = inputs
+    ctx.save_for_backward(values, meta, input_perm)
     ctx.x_shape = tuple(x.shape)
     ctx.geometry = (tuple(stride), tuple(padding), tuple(dilation), tuple(kernel_size))
 
@@ -292,7 +317,7 @@ def _sparse24_conv2d_setup(ctx, inputs, output):
 def _sparse24_conv2d_backward(ctx, grad):
     """Input (and bias) gradient, so a frozen sparse conv can sit inside a model that trains; the compressed
     weight gets none (sparse layers are for inference)."""
-    values, meta = ctx.saved_tensors
+    values, meta, input_perm = ctx.saved_tensors
     if ctx.needs_input_grad[1]:
         raise RuntimeError(
             "sparsekernels::sparse24_conv2d: no gradient for the compressed weight (sparse layers are "
@@ -301,12 +326,11 @@ def _sparse24_conv2d_backward(ctx, grad):
     stride, padding, dilation, kernel_size = ctx.geometry
     grad_x = None
     if ctx.needs_input_grad[0]:
-        weight = conv_weight_from_2d(
-            Sparse24Weight(values, meta, (values.shape[0], values.shape[1] * 2)).to_dense(), ctx.x_shape[1], kernel_size
-        ).to(grad.dtype)
+        w24 = Sparse24Weight(values, meta, (values.shape[0], values.shape[1] * 2), input_perm)
+        weight = conv_weight_from_2d(w24.to_dense(), ctx.x_shape[1], kernel_size).to(grad.dtype)  # original order
         grad_x = torch.nn.grad.conv2d_input(ctx.x_shape, weight, grad, stride, padding, dilation)
     grad_b = grad.sum((0, 2, 3)) if ctx.needs_input_grad[3] else None
-    return grad_x, None, None, grad_b, None, None, None, None, None
+    return grad_x, None, None, grad_b, None, None, None, None, None, None
 
 
 sparse24_conv2d_op.register_autograd(_sparse24_conv2d_backward, setup_context=_sparse24_conv2d_setup)

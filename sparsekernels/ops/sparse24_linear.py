@@ -9,6 +9,11 @@ tile in registers and feeds ``tl.dot`` with fp32 accumulation; the bias is fused
 split-K adds programs along K so every SM streams weight bytes; the fp32 partial sums land in a workspace that
 one epilogue kernel sums, biases and casts.
 
+Input permutation. A weight stored in a permuted input order (``Sparse24Weight.input_perm``: stored column ``i`` is
+the layer's input ``perm[i]``) is applied in the activation load: with the constexpr ``HAS_PERM`` the program
+loads the K tile's slice of ``perm`` and gathers ``x`` columns through it, masking any index outside ``[0, K)``
+(a zero input), so no permutation value can make it read out of bounds. Without it the load is the plain one.
+
 Triton is imported at the top: this module is imported by :mod:`sparsekernels.ops.functional` when the op is
 first called, never by ``import sparsekernels``. Which backend runs is decided by :mod:`sparsekernels.ops.routing`.
 """
@@ -59,7 +64,7 @@ def select_24(pos, nibble, v0, v1):
 
 @triton.jit
 def _sparse24_linear_kernel(
-    x_ptr, v_ptr, meta_ptr, bias_ptr, y_ptr,
+    x_ptr, v_ptr, meta_ptr, bias_ptr, perm_ptr, y_ptr,
     M, N, K,
     stride_xm, stride_xk,
     stride_vn, stride_vk,
@@ -67,6 +72,7 @@ def _sparse24_linear_kernel(
     stride_ys, stride_ym, stride_yn,
     M_BUCKET,  # only an autotune key (bucketed token count)
     HAS_BIAS: tl.constexpr,
+    HAS_PERM: tl.constexpr,
     SPLIT_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -118,9 +124,18 @@ def _sparse24_linear_kernel(
         # join(join(d0, d2), join(d1, d3))[..., j, i] = d[2j + i]: column 4g + p holds d_p of group g.
         w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
         kx = k0 + offs_k
+        k_ok = kx < K
+        if HAS_PERM:
+            # stored column kx multiplies input perm[kx]: gather x through the loaded index tile; an index outside
+            # [0, K) reads a zero, so no permutation value moves the load out of bounds
+            src = tl.load(perm_ptr + kx, mask=k_ok, other=0)
+            k_ok = k_ok & (src >= 0) & (src < K)
+            src = tl.where(k_ok, src, 0).to(tl.int32)
+        else:
+            src = kx
         xt = tl.load(
-            x_ptr + kx[:, None] * stride_xk + offs_m[None, :] * stride_xm,
-            mask=(kx[:, None] < K) & m_mask[None, :],
+            x_ptr + src[:, None] * stride_xk + offs_m[None, :] * stride_xm,
+            mask=k_ok[:, None] & m_mask[None, :],
             other=0.0,
         )
         acc = tl.dot(w, xt, acc, input_precision=DOT_PRECISION)
@@ -189,7 +204,7 @@ def many_token_configs() -> list[tuple[int, int, int, int, int]]:
 # Under TRITON_INTERPRET=1 autotuning cannot run; this one small config is used instead.
 INTERPRETER_CONFIG = (16, 16, 32, 4, 1)
 
-_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "HAS_BIAS"]  # + tensor dtypes, added by triton
+_AUTOTUNE_KEY = ["M_BUCKET", "N", "K", "SPLIT_K", "HAS_BIAS", "HAS_PERM"]  # + tensor dtypes, added by triton
 
 
 def _autotuned(configs: list[tuple[int, int, int, int, int]]):
@@ -268,15 +283,18 @@ def launch_sparse24_linear(
     meta: torch.Tensor,
     bias: Optional[torch.Tensor],
     in_features: int,
+    input_perm: Optional[torch.Tensor] = None,
     *,
     out: Optional[torch.Tensor] = None,
     split_k: Optional[int] = None,
     workspace: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Run the Triton kernel: ``x2d`` ``[M, K]``; returns ``[M, N]`` in ``x2d.dtype``.
+    """Run the Triton kernel: ``x2d`` ``[M, K]``; returns ``[M, N]`` in ``x2d.dtype``: ``x2d[:, input_perm] @ W.T``
+    with ``W`` the stored (permuted-order) weight, or ``x2d @ W.T`` without ``input_perm``.
 
-    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_linear_tensors`,
-    shapes and dtypes only), so no tensor is read out of bounds whatever the metadata holds.
+    The inputs are checked against the op's contract (:func:`sparsekernels.ops.checks.check_sparse24_linear_tensors`:
+    shapes and dtypes, and that ``input_perm`` is a permutation), so no tensor is read out of bounds whatever the
+    metadata holds; the kernel masks the gathered indices besides.
     ``out`` / ``workspace`` (tests poison them to check every element is written) and ``split_k`` are
     knobs; by default they are allocated / chosen here.
 
@@ -285,7 +303,7 @@ def launch_sparse24_linear(
         RuntimeError: a device / dtype the Triton kernel cannot compute (:func:`routing.check_triton_runs`).
     """
     fn = "launch_sparse24_linear()"
-    checks.check_sparse24_linear_tensors(fn, x2d, values, meta, bias, in_features)
+    checks.check_sparse24_linear_tensors(fn, x2d, values, meta, bias, in_features, input_perm)
     if x2d.dim() != 2:
         raise ValueError(f"{fn}: expected a 2-D x2d [M, {in_features}], got shape {tuple(x2d.shape)}")
     routing.check_triton_runs(fn, x2d.device, x2d.dtype)
@@ -309,8 +327,9 @@ def launch_sparse24_linear(
     else:
         target, has_bias = out, bias is not None
     stride_ys = target.stride(0) if split_k > 1 else 0
+    perm = input_perm.contiguous() if input_perm is not None else None  # the kernel reads it with stride 1
     args = (
-        x2d, values, meta, bias if has_bias else values, target,
+        x2d, values, meta, bias if has_bias else values, perm if perm is not None else meta, target,
         m, n, k,
         x2d.stride(0), x2d.stride(1),
         values.stride(0), values.stride(1),
@@ -323,7 +342,7 @@ def launch_sparse24_linear(
         bm, bn, bk, warps, stages = INTERPRETER_CONFIG
         grid = (triton.cdiv(n, bn), triton.cdiv(m, bm), split_k)
         _sparse24_linear_kernel[grid](
-            *args, HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION=dot_precision,
+            *args, HAS_BIAS=has_bias, HAS_PERM=perm is not None, SPLIT_K=split_k, DOT_PRECISION=dot_precision,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
         )
     else:
@@ -333,7 +352,8 @@ def launch_sparse24_linear(
             return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(m, meta_["BLOCK_M"]), split_k)
 
         with torch.cuda.device(x2d.device):
-            kernel[grid](*args, HAS_BIAS=has_bias, SPLIT_K=split_k, DOT_PRECISION=dot_precision)
+            kernel[grid](*args, HAS_BIAS=has_bias, HAS_PERM=perm is not None, SPLIT_K=split_k,
+                         DOT_PRECISION=dot_precision)
     if split_k > 1:
         _launch_splitk_reduce(workspace, bias, out)
     return out
@@ -346,7 +366,8 @@ def launch_sparse24_linear(
 def sparse24_linear_reference(
     x: torch.Tensor, w24: Sparse24Weight, bias: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """Pure-PyTorch reference: expand the weight and call ``F.linear`` in ``x``'s dtype.
+    """Pure-PyTorch reference: expand the weight (in its stored order) and call ``F.linear`` in ``x``'s dtype, on
+    ``x`` gathered by the weight's ``input_perm`` when it has one, as the kernel does.
 
     Args:
         x: ``[..., in]`` floating tensor (any float dtype, float64 included, for reference computations).
@@ -354,18 +375,21 @@ def sparse24_linear_reference(
         bias: optional ``[out]`` tensor, cast to ``x.dtype``.
 
     Returns:
-        ``[..., out]`` tensor in ``x.dtype``.
+        ``[..., out]`` tensor in ``x.dtype``: ``x @ w24.to_dense().T + bias``.
     """
     checks.check_sparse24_linear("sparse24_linear_reference()", x, w24.to(x.dtype), bias if bias is None
                                  else bias.to(x.dtype), any_float=True)
-    weight = w24.to_dense().to(x.dtype)
+    weight = w24.stored_dense().to(x.dtype)
+    if w24.input_perm is not None:
+        x = x.index_select(-1, w24.input_perm)
     if bias is not None:
         bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
 
 
-def _reference_tensors(x2d, values, meta, bias, in_features):
-    return sparse24_linear_reference(x2d, Sparse24Weight(values, meta, (values.shape[0], in_features)), bias)
+def _reference_tensors(x2d, values, meta, bias, in_features, input_perm=None):
+    w24 = Sparse24Weight(values, meta, (values.shape[0], in_features), input_perm)
+    return sparse24_linear_reference(x2d, w24, bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -380,32 +404,34 @@ def sparse24_linear_op(
     bias: Optional[torch.Tensor],
     in_features: int,
     backend: str,
+    input_perm: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``sparsekernels::sparse24_linear``: the contract of :func:`sparsekernels.sparse24_linear` on its tensors,
     checked again here (the op can be called directly), then the backend resolved by
-    :func:`sparsekernels.ops.routing.resolve`."""
-    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features)
+    :func:`sparsekernels.ops.routing.resolve`. ``input_perm``: the weight's input permutation (or None)."""
+    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features, input_perm)
     backend = routing.resolve("sparse24_linear", OP_NAME, backend, x, values.shape[0])
-    y = routing.run("sparse24_linear", backend, x.reshape(-1, in_features), values, meta, bias, in_features)
+    y = routing.run("sparse24_linear", backend, x.reshape(-1, in_features), values, meta, bias, in_features,
+                    *routing.perm_args(input_perm))
     return y.reshape(*x.shape[:-1], values.shape[0])
 
 
 @sparse24_linear_op.register_fake
-def _sparse24_linear_fake(x, values, meta, bias, in_features, backend):
-    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features)
+def _sparse24_linear_fake(x, values, meta, bias, in_features, backend, input_perm=None):
+    checks.check_sparse24_linear_tensors(OP_NAME, x, values, meta, bias, in_features, input_perm, contents=False)
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
 def _sparse24_linear_setup(ctx, inputs, output):
-    x, values, meta, bias, in_features, backend = inputs
-    ctx.save_for_backward(values, meta)
+    x, values, meta, bias, in_features, backend, input_perm = inputs
+    ctx.save_for_backward(values, meta, input_perm)
     ctx.in_features = in_features
 
 
 def _sparse24_linear_backward(ctx, grad):
     """Input (and bias) gradient, so a frozen sparse layer can sit inside a model that trains; the compressed
     weight gets none (sparse layers are for inference)."""
-    values, meta = ctx.saved_tensors
+    values, meta, input_perm = ctx.saved_tensors
     if ctx.needs_input_grad[1]:
         raise RuntimeError(
             f"{OP_NAME}: no gradient for the compressed weight (sparse layers are inference-only; gradients flow "
@@ -413,9 +439,10 @@ def _sparse24_linear_backward(ctx, grad):
         )
     grad_x = None
     if ctx.needs_input_grad[0]:
-        grad_x = grad @ Sparse24Weight(values, meta, (values.shape[0], ctx.in_features)).to_dense().to(grad.dtype)
+        w24 = Sparse24Weight(values, meta, (values.shape[0], ctx.in_features), input_perm)
+        grad_x = grad @ w24.to_dense().to(grad.dtype)  # the original input order
     grad_b = grad.reshape(-1, values.shape[0]).sum(0) if ctx.needs_input_grad[3] else None
-    return grad_x, None, None, grad_b, None, None
+    return grad_x, None, None, grad_b, None, None, None
 
 
 sparse24_linear_op.register_autograd(_sparse24_linear_backward, setup_context=_sparse24_linear_setup)

@@ -34,7 +34,7 @@ pass them as a sequence and their objectives are summed (:func:`search_permutati
 
 Measured on a 4096 x 14336 layer (Wanda-like float32 scores, one thread of the shared 2-core development CPU):
 the kept share of the importance goes from 0.8566 (identity) to 0.8788 after the balanced start (4 s), 0.8799
-after 3 sweeps (12 s) and 0.8819 with the default ``time_limit`` (125 s); the transposed 14336 x 4096 layer
+after 3 sweeps (12 s) and 0.8819 with the default ``time_limit`` (122 s); the transposed 14336 x 4096 layer
 behaves the same (``benchmarks/results/cpu/nm_quality.md``).
 """
 from __future__ import annotations

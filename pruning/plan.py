@@ -4,9 +4,10 @@ A plan saved at ``path`` is two files:
 
 * ``<path>.safetensors``: one ``bool`` tensor per pruned layer, key ``"<layer>.weight_mask"`` (and, with
   ``include_weights=True``, the pruned weight as ``"<layer>.weight"``: needed to reproduce
-  SparseGPT, whose reconstruction changes kept weights too);
+  SparseGPT, whose reconstruction changes kept weights too), and for a layer that carries an input permutation
+  (:func:`pruning.channels.permute_for_nm`) its ``int64`` ``"<layer>.input_perm"``;
 * ``<path>.json``: ``{"format": "pruning-plan", "version": 1, "layers": {name: {"kind", "weight_shape",
-  "pattern", "importance", "sparsity"}}, "has_weights": bool}``.
+  "pattern", "importance", "sparsity"[, "input_perm"]}}, "has_weights": bool}``.
 
 Neither file can execute code when loaded.
 """
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 
 from .masks import MASK_NAME, attach_mask, detach_mask, get_mask, mask_info, masked_modules
+from .patterns import INPUT_PERM, input_width, is_conv1d
 from .plan_schema import PLAN_FORMAT, PLAN_VERSION, read_plan_json, read_plan_tensors
 from .transaction import all_or_nothing
 from .weights import LayerPruning, PruningReport
@@ -58,11 +60,14 @@ class PruningPlan:
         masks: layer name -> ``torch.bool`` mask of the weight's shape.
         layers: layer name -> metadata dict (``kind``, ``weight_shape``, ``pattern``, ``importance``, ``sparsity``).
         weights: layer name -> pruned weight, empty unless saved with ``include_weights=True``.
+        input_perms: layer name -> ``int64`` input permutation, for the layers that carry one (their masks are N:M
+            in that order; :func:`apply_plan` attaches it as the layer's ``input_perm`` buffer).
     """
 
     masks: dict[str, torch.Tensor]
     layers: dict[str, dict]
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_perms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def _plan_paths(path) -> tuple[Path, Path]:
@@ -133,6 +138,10 @@ def save_plan(model: nn.Module, path, *, include_weights: bool = False) -> tuple
             "importance": info["importance"],
             "sparsity": float((~mask).sum()) / mask.numel(),
         }
+        perm = module._buffers.get(INPUT_PERM)
+        if perm is not None:
+            tensors[f"{name}.{INPUT_PERM}"] = perm.detach().to("cpu", torch.int64).contiguous()
+            layers[name]["input_perm"] = perm.shape[0]
     if not layers:
         raise ValueError("save_plan(): the model has no masks to save (prune it first with pruning.prune_weights)")
     meta = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "has_weights": bool(include_weights), "layers": layers}
@@ -158,8 +167,8 @@ def load_plan(path) -> PruningPlan:
         if not p.is_file():
             raise FileNotFoundError(f"load_plan(): expected the plan file {p}, which does not exist")
     layers, has_weights = read_plan_json(json_path)
-    masks, weights = read_plan_tensors(tensor_path, json_path.name, layers, has_weights)
-    return PruningPlan(masks, layers, weights)
+    masks, weights, perms = read_plan_tensors(tensor_path, json_path.name, layers, has_weights)
+    return PruningPlan(masks, layers, weights, perms)
 
 
 def _check_plan(plan: PruningPlan) -> None:
@@ -175,6 +184,12 @@ def _check_plan(plan: PruningPlan) -> None:
         info = plan.layers.get(name, {})
         if not isinstance(info, dict) or not all(isinstance(info.get(k, ""), str) for k in ("pattern", "importance")):
             raise TypeError(f"{fn}: plan.layers[{name!r}]: expected a dict with str 'pattern' and 'importance'")
+    for name, perm in plan.input_perms.items():
+        if name not in plan.masks:
+            raise ValueError(f"{fn}: plan.input_perms[{name!r}] has no mask in plan.masks")
+        if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.dim() != 1
+                or not torch.equal(perm.sort().values.cpu(), torch.arange(perm.shape[0]))):
+            raise ValueError(f"{fn}: plan.input_perms[{name!r}]: expected an int64 permutation of 0..n-1")
     for name, weight in plan.weights.items():
         if name not in plan.masks:
             raise ValueError(f"{fn}: plan.weights[{name!r}] has no mask in plan.masks")
@@ -220,10 +235,14 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
         module = modules.get(name)
         if module is None:
             problems.append(f"{name!r}: no such module in {type(model).__name__}")
-        elif not isinstance(module, (nn.Linear, nn.Conv2d)):
-            problems.append(f"{name!r}: expected nn.Linear or nn.Conv2d, got {type(module).__name__}")
+        elif not isinstance(module, (nn.Linear, nn.Conv2d)) and not is_conv1d(module):
+            problems.append(f"{name!r}: expected nn.Linear, nn.Conv2d or a transformers Conv1D, got "
+                            f"{type(module).__name__}")
         elif tuple(module.weight.shape) != tuple(mask.shape):
             problems.append(f"{name!r}: plan has weight shape {tuple(mask.shape)}, model has {tuple(module.weight.shape)}")
+        elif name in plan.input_perms and plan.input_perms[name].shape[0] != input_width(module):
+            problems.append(f"{name!r}: plan's input_perm has {plan.input_perms[name].shape[0]} entries, the layer "
+                            f"has {input_width(module)} inputs")
         elif name in plan.weights and tuple(plan.weights[name].shape) != tuple(mask.shape):
             problems.append(f"{name!r}: saved weight shape {tuple(plan.weights[name].shape)} != mask shape")
     if problems:
@@ -239,6 +258,8 @@ def apply_plan(model: nn.Module, plan) -> PruningReport:
             if name in plan.weights:
                 with torch.no_grad():
                     module.weight.copy_(plan.weights[name].to(module.weight.device, module.weight.dtype))
+            if name in plan.input_perms:
+                module.register_buffer(INPUT_PERM, plan.input_perms[name].to(module.weight.device))
             attach_mask(module, mask, pattern=pattern, importance=importance)
             layers.append(LayerPruning.of(name, module, mask, pattern, importance))
     patterns = sorted({layer.pattern for layer in layers})

@@ -4,14 +4,16 @@ A plan file may come from anywhere, so nothing in it is trusted. Before a tensor
 
 * the JSON file is at most :attr:`PlanLimits.max_json_bytes`, valid UTF-8 and JSON without ``NaN`` /
   ``Infinity`` or repeated keys, and matches the schema exactly: ``{"format": "pruning-plan", "version": 1,
-  "has_weights": bool, "layers": {name: {"kind": "Linear" | "Conv2d", "weight_shape": [int, ...] (2 or 4
-  sizes), "pattern": str, "importance": str, "sparsity": number in [0, 1]}}}``, no other key anywhere, at most
-  :attr:`PlanLimits.max_layers` layers, names and strings printable and short;
-* the safetensors header names exactly the tensors the JSON describes (``<layer>.weight_mask``, ``bool``, and
-  with ``has_weights`` ``<layer>.weight``, floating point), each of the recorded shape; metadata, when the file
-  has any, names the plan's format and version.
+  "has_weights": bool, "layers": {name: {"kind": "Linear" | "Conv2d" | "Conv1D", "weight_shape": [int, ...] (2
+  or 4 sizes), "pattern": str, "importance": str, "sparsity": number in [0, 1], and optionally "input_perm": int,
+  the length of the layer's input permutation}}}``, no other key anywhere, at most :attr:`PlanLimits.max_layers`
+  layers, names and strings printable and short;
+* the safetensors header names exactly the tensors the JSON describes (``<layer>.weight_mask``, ``bool``; with
+  ``has_weights`` ``<layer>.weight``, floating point; with ``input_perm`` ``<layer>.input_perm``, ``int64``),
+  each of the recorded shape; metadata, when the file has any, names the plan's format and version.
 
-Then each mask must have the recorded sparsity and each saved weight must be finite. Every violation is one
+Then each mask must have the recorded sparsity, each saved weight must be finite and each input permutation must
+be a permutation. Every violation is one
 ``ValueError``: ``load_plan(): <file>: <entry>: <what is wrong>``.
 """
 from __future__ import annotations
@@ -28,8 +30,9 @@ __all__ = ["PLAN_FORMAT", "PLAN_VERSION", "PlanLimits", "PLAN_LIMITS", "read_pla
 PLAN_FORMAT = "pruning-plan"
 PLAN_VERSION = 1
 
-_KINDS = {"Linear": 2, "Conv2d": 4}  # kind -> number of weight dimensions
+_KINDS = {"Linear": 2, "Conv2d": 4, "Conv1D": 2}  # kind -> number of weight dimensions
 _LAYER_KEYS = ("kind", "weight_shape", "pattern", "importance", "sparsity")
+_OPTIONAL_LAYER_KEYS = ("input_perm",)
 _TOP_KEYS = ("format", "version", "has_weights", "layers")
 _FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 
@@ -84,15 +87,16 @@ def _no_constant(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-def _exact_keys(path, entry: str, obj, keys: tuple) -> None:
+def _exact_keys(path, entry: str, obj, keys: tuple, optional: tuple = ()) -> None:
     if not isinstance(obj, dict):
         raise _Bad(path, entry, f"expected an object, got {_kind_of(obj)}")
     missing = [k for k in keys if k not in obj]
     if missing:
         raise _Bad(path, entry, f"missing key(s) {missing}")
-    extra = sorted(k for k in obj if k not in keys)
+    extra = sorted(k for k in obj if k not in keys and k not in optional)
     if extra:
-        raise _Bad(path, entry, f"unexpected key(s) {extra[:5]}; expected exactly {list(keys)}")
+        also = f" (and optionally {list(optional)})" if optional else ""
+        raise _Bad(path, entry, f"unexpected key(s) {extra[:5]}; expected exactly {list(keys)}{also}")
 
 
 def _text(path, entry: str, value, limit: int, *, empty: bool = False) -> str:
@@ -107,7 +111,7 @@ def _text(path, entry: str, value, limit: int, *, empty: bool = False) -> str:
 def _layer(path, name: str, info, limits: PlanLimits) -> tuple[dict, int]:
     """The checked metadata of one layer, and its weight's number of elements."""
     entry = f"layers[{name!r}]"
-    _exact_keys(path, entry, info, _LAYER_KEYS)
+    _exact_keys(path, entry, info, _LAYER_KEYS, _OPTIONAL_LAYER_KEYS)
     kind = info["kind"]
     if not isinstance(kind, str) or kind not in _KINDS:
         raise _Bad(path, f"{entry}.kind", f"expected one of {list(_KINDS)}, got {json.dumps(kind)[:60]}")
@@ -126,8 +130,16 @@ def _layer(path, name: str, info, limits: PlanLimits) -> tuple[dict, int]:
         raise _Bad(path, f"{entry}.sparsity", f"expected a number in [0, 1], got {json.dumps(sparsity)[:40]}")
     pattern = _text(path, f"{entry}.pattern", info["pattern"], limits.max_text_chars)
     importance = _text(path, f"{entry}.importance", info["importance"], limits.max_text_chars)
-    return ({"kind": kind, "weight_shape": list(shape), "pattern": pattern, "importance": importance,
-             "sparsity": float(sparsity)}, numel)
+    checked = {"kind": kind, "weight_shape": list(shape), "pattern": pattern, "importance": importance,
+               "sparsity": float(sparsity)}
+    if "input_perm" in info:
+        # one entry per input feature (Linear, Conv1D: the GEMM view's columns) or input channel (Conv2d)
+        inputs = shape[1] if kind != "Conv1D" else shape[0]
+        if info["input_perm"] != inputs or isinstance(info["input_perm"], bool):
+            raise _Bad(path, f"{entry}.input_perm", f"expected the layer's {inputs} inputs, got "
+                       f"{json.dumps(info['input_perm'])[:40]}")
+        checked["input_perm"] = inputs
+    return checked, numel
 
 
 def read_plan_json(path: Path, limits: PlanLimits | None = None) -> tuple[dict[str, dict], bool]:
@@ -177,14 +189,14 @@ def read_plan_json(path: Path, limits: PlanLimits | None = None) -> tuple[dict[s
 
 
 def read_plan_tensors(path: Path, json_name: str, layers: dict[str, dict], has_weights: bool
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Read a plan's safetensors file against its checked JSON (``layers`` from :func:`read_plan_json`).
 
     The header (names, dtypes, shapes, metadata) is checked before any tensor is read.
 
     Returns:
-        ``(masks, weights)``: layer name -> ``torch.bool`` mask, and layer name -> saved weight (empty unless
-        ``has_weights``).
+        ``(masks, weights, input_perms)``: layer name -> ``torch.bool`` mask, layer name -> saved weight (empty
+        unless ``has_weights``), layer name -> ``int64`` input permutation (the layers that carry one).
 
     Raises:
         ValueError: an unreadable file, or one that disagrees with the JSON (one message naming the entry).
@@ -194,7 +206,8 @@ def read_plan_tensors(path: Path, json_name: str, layers: dict[str, dict], has_w
     expected = {f"{name}.weight_mask": (name, "mask") for name in layers}
     if has_weights:
         expected.update({f"{name}.weight": (name, "weight") for name in layers})
-    masks, weights = {}, {}
+    expected.update({f"{name}.input_perm": (name, "input_perm") for name, info in layers.items() if "input_perm" in info})
+    masks, weights, perms = {}, {}, {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -212,11 +225,13 @@ def read_plan_tensors(path: Path, json_name: str, layers: dict[str, dict], has_w
                            + ("" if what == "mask" else " (the JSON says has_weights: true)"))
             for key, (name, what) in expected.items():
                 shape, dtype = list(f.get_slice(key).get_shape()), f.get_slice(key).get_dtype()
-                want = layers[name]["weight_shape"]
-                ok = dtype == "BOOL" if what == "mask" else dtype in _FLOAT_DTYPES
+                want, ok, label = layers[name]["weight_shape"], dtype in _FLOAT_DTYPES, "a floating-point tensor"
+                if what == "mask":
+                    ok, label = dtype == "BOOL", "BOOL"
+                elif what == "input_perm":
+                    want, ok, label = [layers[name]["input_perm"]], dtype == "I64", "I64"
                 if not ok or shape != want:
-                    raise _Bad(path, key, f"is {dtype} {shape}, expected "
-                               f"{'BOOL' if what == 'mask' else 'a floating-point tensor'} {want} (from {json_name})")
+                    raise _Bad(path, key, f"is {dtype} {shape}, expected {label} {want} (from {json_name})")
             for key, (name, what) in expected.items():
                 tensor = f.get_tensor(key)
                 if what == "mask":
@@ -225,6 +240,10 @@ def read_plan_tensors(path: Path, json_name: str, layers: dict[str, dict], has_w
                         raise _Bad(path, key, f"has sparsity {sparsity:.6g}, but {json_name} records "
                                    f"{layers[name]['sparsity']:.6g} for layer {name!r}")
                     masks[name] = tensor
+                elif what == "input_perm":
+                    if not torch.equal(tensor.sort().values, torch.arange(tensor.shape[0])):
+                        raise _Bad(path, key, f"is not a permutation of 0..{tensor.shape[0] - 1}")
+                    perms[name] = tensor
                 else:
                     if not bool(torch.isfinite(tensor).all()):
                         raise _Bad(path, key, "the saved weight holds NaN or inf")
@@ -234,4 +253,4 @@ def read_plan_tensors(path: Path, json_name: str, layers: dict[str, dict], has_w
     except Exception as e:  # safetensors' own errors for a corrupt or truncated file
         raise _Bad(path, "file", f"not a readable safetensors file ({type(e).__name__}: "
                    f"{' '.join(str(e).split())[:200]})") from None
-    return masks, weights
+    return masks, weights, perms

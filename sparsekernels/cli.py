@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         "SparseLinear vs nn.Linear; channel-latency: filter-pruned ResNet-50 vs dense; pruning-quality: "
         "accuracy and output fidelity per pruning criterion (CPU); nm-quality: one-shot 2:4 quality of every "
         "criterion with and without channel permutation (CPU); llm-scaling: pruning time, peak memory and "
-        "fidelity of a Llama-style model against depth, beside llm-compressor (CPU); cpu-auto: the CPU design "
+        "fidelity of a Llama-style model against depth, beside llm-compressor (CPU); decode: end-to-end decode "
+        "tokens/s of a Llama-style model, dense vs 2:4; cpu-auto: the CPU design "
         "study of SparseConv2d and BlockSparseLinear.",
     )
     bench.add_argument("which", nargs="?", default="all", choices=SELECTIONS, help="what to run (default: all)")

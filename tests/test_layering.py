@@ -70,6 +70,7 @@ SPARSEKERNELS_RANKS = {
     "sparsekernels.benchmarks.cpu_auto": 17,
     "sparsekernels.benchmarks.readme": 17,
     "sparsekernels.benchmarks.nm_quality": 17,
+    "sparsekernels.benchmarks.decode": 17,
     "sparsekernels.benchmarks.layers": 18,
     "sparsekernels.benchmarks.llm_scaling": 18,
     "sparsekernels.benchmarks.gpu_suite": 19,

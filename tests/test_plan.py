@@ -107,7 +107,7 @@ def test_plan_error_paths(tmp_path):
         apply_plan(other, tmp_path / "p")
     msg = str(info.value)
     assert "'conv': plan has weight shape (8, 4, 3, 3), model has (12, 4, 3, 3)" in msg
-    assert "'body.2': expected nn.Linear or nn.Conv2d, got ReLU" in msg
+    assert "'body.2': expected nn.Linear, nn.Conv2d or a transformers Conv1D, got ReLU" in msg
     for k, v in other.state_dict().items():
         assert torch.equal(v, before[k]), "a failed apply_plan must not change the model"
     with pytest.raises(ValueError, match="no such module"):
@@ -145,3 +145,47 @@ def test_plan_error_paths(tmp_path):
         load_plan(write("bad_dtype", tensor_dict={**tensors, "conv.weight_mask": tensors["conv.weight_mask"].float()}))
     with pytest.raises(ValueError, match="has no weight here"):
         load_plan(write("no_weights", {**meta, "has_weights": True}))
+
+
+def test_plans_carry_input_permutations_and_conv1d_layers(tmp_path):
+    """A layer that carries ``input_perm`` (its mask is N:M in that order) saves it with the plan, and a fresh model
+    gets it back; GPT-2's Conv1D layers are planned like Linears."""
+    from pruning.channels.permute import permute_for_nm
+    from pruning.permutation import SearchConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 8))
+    fresh = copy.deepcopy(model)
+    calib = [torch.randn(32, 16) * torch.linspace(0.2, 4, 16)]
+    report = permute_for_nm(model, calib[0], "wanda", calib=calib, config=SearchConfig(max_sweeps=4),
+                            progress=False)
+    assert "0" in report.runtime_permutations
+    # the model was permuted in place where it could be: a fresh copy of the permuted model is what the plan fits
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("input_perm")})
+    prune_weights(model, "2:4", "wanda", calib=calib, progress=False)
+    save_plan(model, tmp_path / "plan")
+    plan = load_plan(tmp_path / "plan")
+    assert set(plan.input_perms) == {"0"} and torch.equal(plan.input_perms["0"], model[0].input_perm)
+    assert json.loads((tmp_path / "plan.json").read_text())["layers"]["0"]["input_perm"] == 16
+    apply_plan(fresh, plan)
+    assert torch.equal(fresh[0].input_perm, model[0].input_perm)
+    for (_, a), (_, b) in zip(masked_modules(model), masked_modules(fresh)):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+
+    tensors = load_file(tmp_path / "plan.safetensors")  # a plan file whose permutation repeats an index
+    tensors["0.input_perm"] = torch.zeros(16, dtype=torch.int64)
+    save_file(tensors, tmp_path / "plan.safetensors", metadata={"format": "pruning-plan", "version": "1"})
+    with pytest.raises(ValueError, match="0.input_perm: is not a permutation"):
+        load_plan(tmp_path / "plan")
+
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50,
+                                                                n_positions=16)).eval()
+    twin = copy.deepcopy(gpt2)
+    prune_weights(gpt2, "2:4", "magnitude", progress=False)
+    save_plan(gpt2, tmp_path / "gpt2")
+    assert json.loads((tmp_path / "gpt2.json").read_text())["layers"]["transformer.h.0.attn.c_attn"]["kind"] == "Conv1D"
+    apply_plan(twin, tmp_path / "gpt2")
+    ids = torch.randint(0, 50, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, gpt2(ids).logits)

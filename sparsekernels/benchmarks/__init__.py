@@ -24,4 +24,4 @@ without loading a benchmark.
 
 # The selections of ``sparsekernels bench`` (see :mod:`sparsekernels.benchmarks.run`).
 SELECTIONS = ("kernels", "layers", "models", "all", "gpu", "memory", "channel-latency", "pruning-quality", "nm-quality",
-              "llm-scaling", "cpu-auto")
+              "llm-scaling", "decode", "cpu-auto")

@@ -17,6 +17,8 @@
   and without channel permutation (sentence encoder, digits CNN, a Llama-style model) and the permutation search time
 * ``llm-scaling``     -- :mod:`~sparsekernels.benchmarks.llm_scaling`: one-shot 2:4 pruning time, peak memory and
   logits fidelity of a Llama-style model against depth, ours beside llm-compressor's (when installed);
+* ``decode``          -- :mod:`~sparsekernels.benchmarks.decode`: end-to-end greedy decode tokens/s of a Llama-style
+  model, dense against 2:4 (1.1 B parameters on a GPU, a small model on the CPU);
 * ``cpu-auto``        -- :mod:`~sparsekernels.benchmarks.cpu_auto`: the CPU design study of SparseConv2d and
   BlockSparseLinear.
 
@@ -187,6 +189,12 @@ def run_bench(
 
         with publishing():
             files = run_llm_scaling(quick=quick, out_dir=out, progress=progress)[1]
+        paths += [files.json, files.markdown]
+    if which == "decode":
+        from .decode import run_decode
+
+        with publishing():
+            files = run_decode(dev, quick=quick, out_dir=out, progress=progress)[1]
         paths += [files.json, files.markdown]
     if which == "cpu-auto":
         from .cpu_auto import run_cpu_auto

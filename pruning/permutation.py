@@ -54,6 +54,7 @@ __all__ = [
     "nm_kept",
     "search_permutation",
     "invert_permutation",
+    "check_permutation",
     "permuted_nm_mask",
     "channel_rows",
 ]
@@ -235,7 +236,7 @@ def nm_kept(scores, n: int = 2, m: int = 4, perm: torch.Tensor | None = None) ->
     if mat.shape[1] % m:
         raise ValueError(f"{fn}: expected cols to be a multiple of m={m}, got {mat.shape[1]}")
     if perm is not None:
-        _check_perm(fn, perm, mat.shape[1])
+        check_permutation(fn, perm, mat.shape[1])
         mat = mat.index_select(1, perm.to(mat.device))
     return _kept(mat, n, m)
 
@@ -248,7 +249,8 @@ def _kept(mat: torch.Tensor, n: int, m: int, rows_per_chunk: int = 4096) -> floa
     return total
 
 
-def _check_perm(fn: str, perm, cols: int) -> None:
+def check_permutation(fn: str, perm, cols: int) -> None:
+    """Raise ``ValueError`` (naming ``fn``) unless ``perm`` is an ``int64`` permutation of ``0 .. cols-1``."""
     if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.shape != (cols,):
         got = f"{perm.dtype} of shape {tuple(perm.shape)}" if isinstance(perm, torch.Tensor) else type(perm).__name__
         raise ValueError(f"{fn}: expected perm as an int64 tensor of shape ({cols},), got {got}")
@@ -264,7 +266,7 @@ def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
     """
     if not isinstance(perm, torch.Tensor) or perm.dim() != 1:
         raise ValueError(f"invert_permutation(): expected a 1-D int64 tensor, got {perm!r}")
-    _check_perm("invert_permutation()", perm, perm.shape[0])
+    check_permutation("invert_permutation()", perm, perm.shape[0])
     inv = torch.empty_like(perm)
     inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
@@ -287,7 +289,7 @@ def permuted_nm_mask(scores: torch.Tensor, perm: torch.Tensor, n: int = 2, m: in
     fn = "permuted_nm_mask()"
     if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
         raise ValueError(f"{fn}: expected a 2-D score tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
-    _check_perm(fn, perm, scores.shape[1])
+    check_permutation(fn, perm, scores.shape[1])
     perm = perm.to(scores.device)
     return nm_mask(scores.index_select(1, perm), n, m).index_select(1, invert_permutation(perm))
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .masks import MASK_NAME, attach_mask, detach_mask, get_mask, mask_info, masked_modules
 from .patterns import INPUT_PERM, input_width, is_conv1d
+from .permutation import check_permutation
 from .plan_schema import PLAN_FORMAT, PLAN_VERSION, read_plan_json, read_plan_tensors
 from .transaction import all_or_nothing
 from .weights import LayerPruning, PruningReport
@@ -187,9 +188,8 @@ def _check_plan(plan: PruningPlan) -> None:
     for name, perm in plan.input_perms.items():
         if name not in plan.masks:
             raise ValueError(f"{fn}: plan.input_perms[{name!r}] has no mask in plan.masks")
-        if (not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.dim() != 1
-                or not torch.equal(perm.sort().values.cpu(), torch.arange(perm.shape[0]))):
-            raise ValueError(f"{fn}: plan.input_perms[{name!r}]: expected an int64 permutation of 0..n-1")
+        length = perm.shape[0] if isinstance(perm, torch.Tensor) and perm.dim() == 1 else -1
+        check_permutation(f"{fn}: plan.input_perms[{name!r}]", perm, length)
     for name, weight in plan.weights.items():
         if name not in plan.masks:
             raise ValueError(f"{fn}: plan.weights[{name!r}] has no mask in plan.masks")

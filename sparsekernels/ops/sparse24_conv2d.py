@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..formats.sparse24 import Sparse24Weight, conv_weight_from_2d
 from . import checks, routing
-from .sparse24_linear import select_24
+from .sparse24_linear import gather_index, select_24
 
 __all__ = ["launch_sparse24_conv2d", "sparse24_conv2d_reference", "conv_output_size", "autotune_configs"]
 
@@ -98,11 +98,8 @@ def _sparse24_conv2d_kernel(
             for c0 in range(0, C, BLOCK_K):
                 c = c0 + offs_c
                 c_ok = c < C
-                if HAS_PERM:
-                    # stored channel c reads input channel perm[c]; an index outside [0, C) reads a zero
-                    src = tl.load(perm_ptr + c, mask=c_ok, other=0)
-                    src_ok = c_ok & (src >= 0) & (src < C)
-                    src = tl.where(src_ok, src, 0).to(tl.int32)
+                if HAS_PERM:  # stored channel c reads input channel perm[c]
+                    src, src_ok = gather_index(perm_ptr, c, c_ok, C)
                 else:
                     src = c
                     src_ok = c_ok

@@ -33,6 +33,7 @@ from . import checks, routing
 
 __all__ = [
     "select_24",
+    "gather_index",
     "launch_sparse24_linear",
     "sparse24_linear_reference",
     "choose_split_k",
@@ -60,6 +61,16 @@ def select_24(pos, nibble, v0, v1):
     bypassed validation gives every backend the same weight."""
     zero = tl.zeros_like(v0)
     return tl.where(pos == (nibble & 0x3), v0, zero) + tl.where(pos == (nibble >> 2), v1, zero)
+
+
+@triton.jit
+def gather_index(perm_ptr, idx, ok, size):
+    """The input index a stored index ``idx`` reads through an input permutation, and where it may be read: stored
+    index ``i`` reads input ``perm[i]``; an entry outside ``[0, size)`` is masked (reads a zero), so no permutation
+    value moves a load out of bounds. Shared with the conv kernel."""
+    src = tl.load(perm_ptr + idx, mask=ok, other=0)
+    src_ok = ok & (src >= 0) & (src < size)
+    return tl.where(src_ok, src, 0).to(tl.int32), src_ok
 
 
 @triton.jit
@@ -125,12 +136,8 @@ def _sparse24_linear_kernel(
         w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
         kx = k0 + offs_k
         k_ok = kx < K
-        if HAS_PERM:
-            # stored column kx multiplies input perm[kx]: gather x through the loaded index tile; an index outside
-            # [0, K) reads a zero, so no permutation value moves the load out of bounds
-            src = tl.load(perm_ptr + kx, mask=k_ok, other=0)
-            k_ok = k_ok & (src >= 0) & (src < K)
-            src = tl.where(k_ok, src, 0).to(tl.int32)
+        if HAS_PERM:  # stored column kx multiplies input perm[kx]: gather x through the loaded index tile
+            src, k_ok = gather_index(perm_ptr, kx, k_ok, K)
         else:
             src = kx
         xt = tl.load(
